@@ -1,0 +1,173 @@
+"""Command-line and config-file parsing shared by the stage scripts.
+
+Every script declares its argument dataclasses and calls ``parse_stage_args``. It accepts
+``script.py config.yaml`` / ``--config config.yaml`` (later flags override the file), keeps the
+reference's old spellings working (``--evaluation_strategy``, ``--use_auth_token``,
+``--hf_access_token``), takes the access token out of argv so nothing can echo it, picks the
+backend, and adds the backend's ``TrainingArguments`` class (transformers' or optimum-habana's).
+Fields that both one of our dataclasses and the training-arguments class define (``use_habana``
+on Gaudi, ``overwrite_output_dir`` on transformers 4.x) are parsed once and copied to both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from rlhf.backend import Backend, BackendArguments, resolve_backend
+from rlhf.errors import UserError
+
+LEGACY_RENAMES = {"--evaluation_strategy": "--eval_strategy"}
+TOKEN_FLAGS = ("--hf_access_token", "--use_auth_token", "--token")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+TRUTHY = {"true", "1", "yes"}
+FALSY = {"false", "0", "no"}
+
+
+@dataclass
+class ParsedArgs:
+    values: tuple  # instances of the requested dataclasses, in order, then training args if asked
+    backend: Backend
+    trainer_class: type | None
+
+
+def config_file_to_argv(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist; check the path")
+    text = file.read_text()
+    try:
+        config = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise UserError(f"config file {path} cannot be parsed ({error}); fix its syntax") from None
+    if not isinstance(config, dict):
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        argv.append(f"--{key}")
+        argv.extend(str(v) for v in values)
+    return argv
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    if len(argv) >= 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        return config_file_to_argv(argv[0]) + argv[1:]
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file path (YAML or JSON)")
+        return config_file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    return argv
+
+
+def split_flag(arg: str) -> tuple[str, str | None]:
+    if arg.startswith("--") and "=" in arg:
+        name, value = arg.split("=", 1)
+        return name, value
+    return arg, None
+
+
+def extract_token(argv: list[str]) -> tuple[list[str], str | None]:
+    """Remove token flags from argv. Returns (argv without them, token or None).
+
+    ``--use_auth_token True`` (the reference's spelling) only means "use the saved token".
+    """
+    kept: list[str] = []
+    token = None
+    i = 0
+    while i < len(argv):
+        name, value = split_flag(argv[i])
+        if name in TOKEN_FLAGS:
+            if value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            if value is not None and value.lower() not in TRUTHY | FALSY:
+                token = value
+        else:
+            kept.append(argv[i])
+        i += 1
+    return kept, token
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    renamed = []
+    for arg in argv:
+        name, value = split_flag(arg)
+        name = LEGACY_RENAMES.get(name, name)
+        renamed.append(name if value is None else f"{name}={value}")
+    return renamed
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    argv = rename_legacy_flags(expand_config(list(argv)))
+    argv, token = extract_token(argv)
+    if token:
+        os.environ["HF_TOKEN"] = token  # huggingface_hub reads it from here; never logged
+    return argv
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def without_fields(cls: type, names: set[str]) -> type:
+    """A copy of dataclass ``cls`` lacking ``names`` (parsed by another dataclass instead)."""
+    kept = [(f.name, f.type, f) for f in dataclasses.fields(cls) if f.name not in names]
+    return dataclasses.make_dataclass(cls.__name__, kept)
+
+
+def parse_backend(argv: list[str]) -> BackendArguments:
+    parser = HfArgumentParser(BackendArguments, add_help=False)
+    (backend_args,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
+    return backend_args
+
+
+def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv: list[str]) -> ParsedArgs:
+    """Parse ``argv`` into ``arg_types`` (+ the backend's TrainingArguments when asked)."""
+    argv = normalise_argv(argv)
+    wants_help = "-h" in argv or "--help" in argv
+    backend_args = parse_backend(argv)
+    backend = Backend(device="cpu") if wants_help else resolve_backend(backend_args)
+    types = list(arg_types) if BackendArguments in arg_types else [*arg_types, BackendArguments]
+    trainer_class = None
+    training_fields: set[str] = set()
+    if with_training_args:
+        trainer_class, training_args_class = backend.trainer_classes()
+        training_fields = field_names(training_args_class)
+        if backend.device == "cpu" and "use_cpu" in training_fields and "--use_cpu" not in argv:
+            argv = [*argv, "--use_cpu", "true"]
+        if backend.is_gaudi and "use_habana" in training_fields:
+            argv = [*argv, "--use_habana", "true", "--use_lazy_mode", str(backend.use_lazy_mode).lower()]
+        types.append(training_args_class)
+    parse_types = [
+        without_fields(t, field_names(t) & training_fields) if i < len(types) - with_training_args else t
+        for i, t in enumerate(types)
+    ]
+    parsed = HfArgumentParser(parse_types).parse_args_into_dataclasses(args=argv)
+    training_args = parsed[-1] if with_training_args else None
+    values = []
+    for original, value in zip(types, parsed):
+        if with_training_args and value is training_args:
+            values.append(value)
+            continue
+        shared = field_names(original) & training_fields
+        kwargs = {name: getattr(value, name) for name in field_names(value.__class__)}
+        kwargs.update({name: getattr(training_args, name) for name in shared})
+        values.append(original(**kwargs))
+    if BackendArguments not in arg_types:
+        values = [v for v in values if not isinstance(v, BackendArguments)]
+    return ParsedArgs(values=tuple(values), backend=backend, trainer_class=trainer_class)
+
+
+def public_dict(args: Any) -> dict:
+    """A dataclass as a dict that is safe to log or save: secrets dropped."""
+    data = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args)
+    return {k: v for k, v in data.items() if "token" not in k.lower() or k in ("pad_token",)}

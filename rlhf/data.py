@@ -1,0 +1,340 @@
+"""Datasets: loading from the hub or local files, format detection, prompt rendering.
+
+Formats, detected from the columns (see the spec):
+- ``orca``:      system, question, chosen, rejected   (prompt = system + question)
+- ``prompt``:    prompt, chosen, rejected              (explicit prompt)
+- ``implicit``:  chosen, rejected                      (shared prefix up to the last assistant turn)
+- ``completion``: prompt, completion                   (SFT only)
+- ``text``:      text                                  (SFT only, no prompt)
+- ``messages``:  messages                              (SFT only, a whole conversation)
+Any of the text columns may instead hold conversations (lists of {"role", "content"}).
+
+Every example becomes ``(prompt, chosen, rejected)`` strings, with the prompt rendered by a named
+template: ``chat`` (the tokenizer's chat template), ``plain`` ("{system}\n\nQuestion: ...\n\nAnswer: ")
+or ``auto`` (chat when the tokenizer has a chat template, else plain). Problems a user can fix
+(missing file or column, malformed JSON line, empty split or field) raise ``UserError`` naming the
+file, the column and the row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlhf.errors import UserError
+
+PREFERENCE_FORMATS = {
+    "orca": ("system", "question", "chosen", "rejected"),
+    "prompt": ("prompt", "chosen", "rejected"),
+    "implicit": ("chosen", "rejected"),
+}
+SFT_ONLY_FORMATS = {
+    "completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+TEMPLATES = ("auto", "chat", "plain")
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+PLAIN_SYSTEM = "{system}\n\n"
+PLAIN_USER = "Question: {content}\n\nAnswer: "
+ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:", "### Assistant:")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train on and how to turn it into prompts."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (loaded with `datasets`)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local json/jsonl/csv/parquet (.gz ok)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local held-out file."})
+    validation_split_percentage: int = field(
+        default=0, metadata={"help": "Percent of train held out when no validation split/file exists."}
+    )
+    prompt_template: str = field(
+        default="auto", metadata={"help": "auto, chat or plain: how prompt and answer are joined.", "choices": TEMPLATES}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preprocessing."})
+
+    def check(self, default_dataset: str | None = None) -> None:
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UserError(
+                f"--validation_split_percentage {self.validation_split_percentage} is out of range; use 0 to 99"
+            )
+        if self.dataset_name is None and self.train_file is None:
+            if default_dataset is None:
+                raise UserError("no data given; pass --train_file FILE or --dataset_name HUB_ID")
+            self.dataset_name = default_dataset
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name} {value} must be positive; drop it to use all rows")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_json_rows(path: Path) -> list[dict]:
+    """JSON lines, or one JSON array, with the failing line number on error."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not valid JSON at line {error.lineno} ({error.msg}); fix the file") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}: line {number} is not valid JSON ({error.msg}); fix or remove it") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {index} is not a JSON object; each row must map column names to values")
+    return rows
+
+
+def file_kind(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = LOCAL_SUFFIXES.get(suffixes[-1] if suffixes else "")
+    if kind is None:
+        raise UserError(f"{path}: unknown file type; use .json, .jsonl, .csv or .parquet (optionally .gz)")
+    return kind
+
+
+def load_local_file(path_text: str, flag: str):
+    from datasets import Dataset
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"{flag} {path_text}: no such file; check the path")
+    kind = file_kind(path)
+    if kind == "json":
+        return Dataset.from_list(read_json_rows(path))
+    import pandas
+
+    try:
+        frame = pandas.read_csv(path) if kind == "csv" else pandas.read_parquet(path)
+    except (ValueError, OSError, pandas.errors.ParserError) as error:
+        raise UserError(f"{path}: cannot be read as {kind} ({str(error).splitlines()[0]}); fix the file") from None
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def load_hub_dataset(name: str, config_name: str | None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"dataset {name!r} could not be loaded ({first_line}); check the id and your network/HF_TOKEN, "
+            "or pass a local --train_file"
+        ) from None
+
+
+def load_splits(args: DataArguments, seed: int = 42) -> tuple[Any, Any | None, str, str | None]:
+    """(train, eval or None, train source name, eval source name) as `datasets.Dataset`s."""
+    if args.train_file:
+        train, train_source = load_local_file(args.train_file, "--train_file"), args.train_file
+        evaluation, eval_source = None, None
+    else:
+        loaded = load_hub_dataset(args.dataset_name, args.dataset_config_name)
+        if "train" not in loaded:
+            raise UserError(f"dataset {args.dataset_name!r} has no 'train' split (it has {list(loaded)})")
+        train, train_source = loaded["train"], f"{args.dataset_name}[train]"
+        held_out = next((s for s in ("validation", "test") if s in loaded), None)
+        evaluation = loaded[held_out] if held_out else None
+        eval_source = f"{args.dataset_name}[{held_out}]" if held_out else None
+    if args.validation_file:
+        evaluation, eval_source = load_local_file(args.validation_file, "--validation_file"), args.validation_file
+    if len(train) == 0:
+        raise UserError(f"{train_source}: the dataset is empty; give a file with at least one row")
+    if evaluation is None and args.validation_split_percentage > 0:
+        split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train, evaluation = split["train"], split["test"]
+        eval_source = f"{train_source} ({args.validation_split_percentage}% held out)"
+    if evaluation is not None and len(evaluation) == 0:
+        raise UserError(f"{eval_source}: the evaluation split is empty; give rows or drop it")
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if evaluation is not None and args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation, train_source, eval_source
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(columns: Iterable[str], source: str, allow_sft: bool) -> str:
+    present = set(columns)
+    candidates = dict(PREFERENCE_FORMATS)
+    if allow_sft:
+        candidates.update(SFT_ONLY_FORMATS)
+    for name, needed in candidates.items():  # most specific first
+        if set(needed) <= present:
+            return name
+    expected = "; ".join("+".join(cols) for cols in candidates.values())
+    raise UserError(f"{source}: no known format in columns {sorted(present)}; expected columns {expected}")
+
+
+def is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def check_field(value: Any, source: str, column: str, row: int) -> None:
+    if is_conversation(value):
+        if not value:
+            raise UserError(f"{source}: row {row}, column {column!r} is an empty conversation; fix or remove the row")
+        return
+    if not isinstance(value, str):
+        raise UserError(
+            f"{source}: row {row}, column {column!r} is {type(value).__name__}, not text; fix or remove the row"
+        )
+    if not value.strip():
+        raise UserError(f"{source}: row {row}, column {column!r} is empty; fix or remove the row")
+
+
+def validate_rows(dataset, fmt: str, source: str) -> None:
+    columns = {**PREFERENCE_FORMATS, **SFT_ONLY_FORMATS}[fmt]
+    for column in columns:
+        for row, value in enumerate(dataset[column]):
+            if fmt == "orca" and column == "system" and value == "":
+                continue  # orca rows may have no system prompt
+            check_field(value, source, column, row)
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Prompt = shared prefix up to (and including) the last assistant marker in it."""
+    shared = chosen[: common_prefix_length(list(chosen), list(rejected))]
+    cut = max((shared.rfind(m) + len(m) for m in ASSISTANT_MARKERS if m in shared), default=-1)
+    if cut <= 0:
+        cut = len(shared)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def split_implicit_messages(chosen: list, rejected: list) -> tuple[list, list, list]:
+    """Prompt = the turns before the last assistant turn that both dialogues still share."""
+    shared = common_prefix_length(chosen, rejected)
+    candidates = [i for i in range(min(shared, len(chosen) - 1) + 1) if chosen[i]["role"] == "assistant"]
+    cut = candidates[-1] if candidates else shared
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def assistant_text(value: Any) -> str:
+    if is_conversation(value):
+        return "".join(m["content"] for m in value if m["role"] == "assistant") or value[-1]["content"]
+    return value
+
+
+@dataclass
+class Example:
+    prompt: list[dict] | str  # messages, or raw text used verbatim
+    chosen: str
+    rejected: str | None = None
+    margin: float | None = None
+
+
+def to_example(row: dict, fmt: str) -> Example:
+    margin = row.get("margin")
+    if fmt == "orca":
+        messages = ([{"role": "system", "content": row["system"]}] if row["system"] else []) + [
+            {"role": "user", "content": row["question"]}
+        ]
+        return Example(messages, row["chosen"], row["rejected"], margin)
+    if fmt in ("prompt", "completion"):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        answer = row["chosen"] if fmt == "prompt" else row["completion"]
+        rejected = assistant_text(row["rejected"]) if fmt == "prompt" else None
+        return Example(prompt, assistant_text(answer), rejected, margin)
+    if fmt == "implicit":
+        chosen, rejected = row["chosen"], row["rejected"]
+        if is_conversation(chosen) and is_conversation(rejected):
+            prompt, chosen_turns, rejected_turns = split_implicit_messages(chosen, rejected)
+            return Example(prompt, assistant_text(chosen_turns), assistant_text(rejected_turns), margin)
+        prompt, chosen_text, rejected_text = split_implicit_text(chosen, rejected)
+        return Example(prompt, chosen_text, rejected_text, margin)
+    if fmt == "messages":
+        messages = row["messages"]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        last = turns[-1] if turns else len(messages) - 1
+        return Example(messages[:last], messages[last]["content"])
+    return Example("", row["text"])  # text
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    if template not in TEMPLATES:
+        raise UserError(f"--prompt_template {template!r} is not one of {', '.join(TEMPLATES)}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise UserError("--prompt_template chat needs a tokenizer with a chat template; use plain")
+    if template == "auto":
+        return "chat" if has_chat else "plain"
+    return template
+
+
+def render_prompt(prompt: list[dict] | str, tokenizer, template: str) -> str:
+    """The prompt text the model sees before its answer (template already resolved)."""
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        return ""
+    if template == "chat":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    parts = []
+    for message in prompt:
+        if message["role"] == "system":
+            parts.append(PLAIN_SYSTEM.format(system=message["content"]))
+        elif message["role"] == "user":
+            parts.append(PLAIN_USER.format(content=message["content"]))
+        else:
+            parts.append(message["content"] + "\n\n")
+    return "".join(parts)
+
+
+def prepare_examples(dataset, source: str, tokenizer, template: str, allow_sft: bool):
+    """Detect the format, validate every row, and map to prompt/chosen/rejected(/margin) strings."""
+    if len(dataset) == 0:
+        raise UserError(f"{source}: the dataset is empty; give a file with at least one row")
+    fmt = detect_format(dataset.column_names, source, allow_sft)
+    validate_rows(dataset, fmt, source)
+    template = resolve_template(template, tokenizer)
+    has_margin = "margin" in dataset.column_names
+
+    def convert(row: dict) -> dict:
+        example = to_example(row, fmt)
+        converted = {
+            "prompt": render_prompt(example.prompt, tokenizer, template),
+            "chosen": example.chosen,
+            "rejected": example.rejected or "",
+        }
+        if has_margin:
+            converted["margin"] = float(example.margin or 0.0)
+        return converted
+
+    prepared = dataset.map(convert, remove_columns=dataset.column_names, desc=f"Formatting {Path(source).name}")
+    if not allow_sft:
+        empty = [i for i, (c, r) in enumerate(zip(prepared["chosen"], prepared["rejected"])) if not c or not r]
+        if empty:
+            raise UserError(f"{source}: row {empty[0]} has no answer after the shared prompt; fix or remove it")
+    return prepared, fmt

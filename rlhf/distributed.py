@@ -1,0 +1,186 @@
+"""Rank, local rank and world size of this process, from whatever launched it.
+
+``torchrun``, ``accelerate launch`` and ``deepspeed`` export ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` themselves. ``mpirun`` (how
+``gaudi_spawn.py --use_mpi`` runs a job, as optimum-habana does) exports only its own
+variables:
+
+* Open MPI: ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``, ``OMPI_COMM_WORLD_LOCAL_RANK``,
+  ``OMPI_COMM_WORLD_LOCAL_SIZE``;
+* MPICH / Intel MPI (Hydra): ``PMI_RANK``, ``PMI_SIZE``, ``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``.
+
+``setup_distributed_env()`` maps those onto the ``torch.distributed`` names, so that
+``transformers.Trainer``, accelerate and ``torch.distributed.init_process_group`` (``env://``)
+initialise from them. Call it first thing in a stage script's ``main()``, before building
+``TrainingArguments``. It imports neither torch nor optimum.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import MutableMapping
+
+from rlhf.errors import UserError
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = "29500"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class _MpiVars:
+    name: str
+    rank: str
+    size: str
+    local_rank: tuple[str, ...]
+    local_size: tuple[str, ...]
+
+
+_MPI_FLAVOURS = (
+    _MpiVars(
+        "Open MPI",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        ("OMPI_COMM_WORLD_LOCAL_RANK",),
+        ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+    ),
+    _MpiVars(
+        "MPICH/Intel MPI",
+        "PMI_RANK",
+        "PMI_SIZE",
+        ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+        ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"),
+    ),
+)
+
+
+def _int_var(env: MutableMapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise UserError(
+            f"environment variable {name}={value!r} is not an integer; unset it or fix the launcher"
+        ) from None
+
+
+def _first_int(env: MutableMapping[str, str], names: tuple[str, ...]) -> int | None:
+    for name in names:
+        if env.get(name, "").strip():
+            return _int_var(env, name)
+    return None
+
+
+def _check(info: DistInfo, source: str) -> DistInfo:
+    if info.world_size < 1:
+        raise UserError(f"world size {info.world_size} from {source} must be >= 1; fix the launcher")
+    if not 0 <= info.rank < info.world_size:
+        raise UserError(
+            f"rank {info.rank} from {source} is outside 0..{info.world_size - 1}; fix the launcher"
+        )
+    if info.local_rank < 0:
+        raise UserError(f"local rank {info.local_rank} from {source} is negative; fix the launcher")
+    return info
+
+
+def dist_info_from_env(env: MutableMapping[str, str] | None = None) -> tuple[DistInfo, dict[str, str]]:
+    """Work out rank/local rank/world size; return them and the variables to export.
+
+    Pure: reads ``env`` (default ``os.environ``) and changes nothing.
+    """
+    env = os.environ if env is None else env
+    has_rank, has_size = bool(env.get("RANK", "").strip()), bool(env.get("WORLD_SIZE", "").strip())
+
+    if has_rank and has_size:  # torchrun / accelerate / deepspeed / already set up
+        rank, world_size = _int_var(env, "RANK"), _int_var(env, "WORLD_SIZE")
+        local_rank = _first_int(env, ("LOCAL_RANK",))
+        info = DistInfo(rank, rank if local_rank is None else local_rank, world_size)
+        return _check(info, "RANK/WORLD_SIZE"), {}
+
+    for flavour in _MPI_FLAVOURS:
+        if not (env.get(flavour.rank, "").strip() and env.get(flavour.size, "").strip()):
+            continue
+        rank, world_size = _int_var(env, flavour.rank), _int_var(env, flavour.size)
+        local_rank = _first_int(env, flavour.local_rank)
+        local_size = _first_int(env, flavour.local_size)
+        if local_rank is None:  # no per-node numbering exported: assume one node
+            local_rank = rank
+        info = _check(DistInfo(rank, local_rank, world_size), f"{flavour.name} ({flavour.rank})")
+
+        exports = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)}
+        if local_size is not None:
+            exports["LOCAL_WORLD_SIZE"] = str(local_size)
+        if not env.get("MASTER_ADDR", "").strip():
+            if local_size is not None and local_size < world_size:
+                raise UserError(
+                    f"the {flavour.name} job spans several nodes ({world_size} ranks, {local_size} on "
+                    "this node) but MASTER_ADDR is not set; export MASTER_ADDR=<rank-0 host> to all "
+                    "ranks (Open MPI: mpirun -x MASTER_ADDR=...)"
+                )
+            exports["MASTER_ADDR"] = DEFAULT_MASTER_ADDR
+        if not env.get("MASTER_PORT", "").strip():
+            exports["MASTER_PORT"] = DEFAULT_MASTER_PORT
+        return info, exports
+
+    if has_rank or has_size:
+        present, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
+        raise UserError(
+            f"{present} is set but {missing} is not; set both (or neither for a single process)"
+        )
+    return DistInfo(rank=0, local_rank=0, world_size=1), {}
+
+
+def setup_distributed_env(env: MutableMapping[str, str] | None = None) -> DistInfo:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from an MPI launcher's variables if needed.
+
+    Variables that are already set are never overwritten. Returns this process's ``DistInfo``.
+    A single process (no launcher) gets rank 0 of 1 and nothing is exported.
+    """
+    env = os.environ if env is None else env
+    info, exports = dist_info_from_env(env)
+    for name, value in exports.items():
+        env[name] = value
+    return info
+
+
+def _process_group():
+    """``torch.distributed`` if a process group is initialised (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def get_rank() -> int:
+    dist = _process_group()
+    return dist.get_rank() if dist is not None else dist_info_from_env()[0].rank
+
+
+def get_local_rank() -> int:
+    return dist_info_from_env()[0].local_rank
+
+
+def get_world_size() -> int:
+    dist = _process_group()
+    return dist.get_world_size() if dist is not None else dist_info_from_env()[0].world_size
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a single-process run): the process that logs and saves."""
+    return get_rank() == 0

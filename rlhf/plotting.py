@@ -1,0 +1,42 @@
+"""Training curves as PNG files, beside the metrics they are drawn from."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(rows: list[dict], keys: list[str], path: str | Path, x_key: str = "step", title: str = "") -> Path | None:
+    """One subplot per key present in ``rows`` (a list of metric dicts); returns the PNG path."""
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not present:
+        return None
+    columns = min(3, len(present))
+    lines = math.ceil(len(present) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.5 * columns, 3.2 * lines), squeeze=False)
+    for axis, key in zip(axes.flat, present):
+        points = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and x_key in r]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        axis.set_title(key)
+        axis.set_xlabel(x_key)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(present) :]:
+        axis.axis("off")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_trainer_history(log_history: list[dict], output_dir: str | Path, extra_keys: tuple[str, ...] = ()) -> Path | None:
+    """Training curves of a transformers Trainer run (its `state.log_history`)."""
+    keys = ["loss", "eval_loss", "learning_rate", "grad_norm", *extra_keys]
+    return plot_curves(log_history, keys, Path(output_dir) / "training_curves.png")
