@@ -106,8 +106,18 @@ def rename_legacy_flags(argv: list[str]) -> list[str]:
     return renamed
 
 
+def bare_resume_means_latest(argv: list[str]) -> list[str]:
+    """`--resume_from_checkpoint` with no value means the newest checkpoint in output_dir."""
+    fixed = []
+    for i, arg in enumerate(argv):
+        fixed.append(arg)
+        if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            fixed.append("true")
+    return fixed
+
+
 def normalise_argv(argv: list[str]) -> list[str]:
-    argv = rename_legacy_flags(expand_config(list(argv)))
+    argv = bare_resume_means_latest(rename_legacy_flags(expand_config(list(argv))))
     argv, token = extract_token(argv)
     if token:
         os.environ["HF_TOKEN"] = token  # huggingface_hub reads it from here; never logged
@@ -151,7 +161,11 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
         without_fields(t, field_names(t) & training_fields) if i < len(types) - with_training_args else t
         for i, t in enumerate(types)
     ]
-    parsed = HfArgumentParser(parse_types).parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = HfArgumentParser(parse_types).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags this script takes")
     training_args = parsed[-1] if with_training_args else None
     values = []
     for original, value in zip(types, parsed):

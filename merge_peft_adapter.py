@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Merge a LoRA adapter into its base model and save a plain model + tokenizer.
+
+Works for causal-LM adapters (SFT, PPO) and sequence-classification adapters (reward model; the
+fully trained score head is kept). The base model is the one recorded in the adapter unless
+``--base_model_name`` overrides it. Output: safetensors weights, config, tokenizer.
+
+Usage::
+
+    python merge_peft_adapter.py --adapter_model_name ./llama2_7b_se --output_name llama2_7b_se_merged
+    python merge_peft_adapter.py --adapter_model_name ./rm_adapter --output_name rm_merged \
+        --base_model_name meta-llama/Llama-2-7b-hf
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.arguments import parse_stage_args
+from rlhf.errors import UserError, run_cli
+from rlhf.modeling import check_model_path, load_tokenizer
+
+logger = logging.getLogger("rlhf")
+
+TASK_MODEL_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+}
+
+
+@dataclass
+class MergeArguments:
+    adapter_model_name: str | None = field(default=None, metadata={"help": "Directory of the LoRA adapter."})
+    output_name: str | None = field(default=None, metadata={"help": "Directory to write the merged model to."})
+    base_model_name: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into a non-empty output directory."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"--adapter_model_name {adapter_dir}: no adapter_config.json there; point it at a PEFT adapter")
+    return json.loads(path.read_text())
+
+
+def merge(adapter_dir: str, base_name: str, task_type: str, trust_remote_code: bool = False):
+    """Base model + adapter, merged; returns the plain transformers model."""
+    import transformers
+    from peft import PeftModel
+
+    auto_class = getattr(transformers, TASK_MODEL_CLASSES[task_type])
+    kwargs = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
+    base = auto_class.from_pretrained(base_name, trust_remote_code=trust_remote_code, **kwargs)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    return model.merge_and_unload()
+
+
+def main() -> None:
+    parsed = parse_stage_args((MergeArguments,), False, sys.argv[1:])
+    (args,) = parsed.values
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.adapter_model_name or not args.output_name:
+        raise UserError("--adapter_model_name and --output_name are required")
+    adapter_dir = args.adapter_model_name
+    if not Path(adapter_dir).is_dir():
+        raise UserError(f"--adapter_model_name {adapter_dir}: no such directory; check the path")
+    adapter_config = read_adapter_config(adapter_dir)
+    task_type = adapter_config.get("task_type") or "CAUSAL_LM"
+    if task_type not in TASK_MODEL_CLASSES:
+        raise UserError(f"adapter task type {task_type} is not supported; only CAUSAL_LM and SEQ_CLS adapters merge")
+    base_name = args.base_model_name or adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise UserError("the adapter records no base model; pass --base_model_name")
+    base_name = check_model_path(base_name, "--base_model_name")
+    output = Path(args.output_name)
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
+        raise UserError(f"--output_name {output} already holds files; pass --overwrite_output_dir or pick a new name")
+    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_name
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=args.trust_remote_code)
+
+    logger.info("Merging %s adapter %s into %s", task_type, adapter_dir, base_name)
+    model = merge(adapter_dir, base_name, task_type, args.trust_remote_code)
+    if task_type == "SEQ_CLS":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    logger.info("Merged model and tokenizer written to %s", output)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

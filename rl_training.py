@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""Stage 3 of RLHF: PPO on the SFT policy against the reward model.
+
+The policy is the SFT model with a LoRA adapter and a value head on its last hidden state; the
+reference log-probs come from the same model with the adapter disabled (no second copy).
+``--peft none`` trains the whole model against a frozen reference copy (small models only).
+The algorithm lives in ``rlhf/ppo.py``; this script loads models and data, runs the loop, logs,
+checkpoints, evaluates on held-out prompts before and after, and saves the result.
+
+Usage::
+
+    python rl_training.py --model_name /tmp/sft_merged --reward_model_name /tmp/rm \
+        --train_file data/demo/train.jsonl --output_dir /tmp/ppo --batch_size 8 --mini_batch_size 4 \
+        --gradient_accumulation_steps 1 --output_max_length 32 --steps 20 --batched_gen True --device cpu
+
+    # the reference's command (8 GPUs)
+    accelerate launch --multi_gpu --num_machines 1 --num_processes 8 rl_training.py --log_with=wandb \
+        --model_name=llama2_7b_se_merged --reward_model_name=llama2_7b_rm --tokenizer_name=llama2_7b_se_merged \
+        --adafactor=False --save_freq=100 --output_max_length=128 --batch_size=8 --gradient_accumulation_steps=8 \
+        --batched_gen=True --ppo_epochs=4 --seed=0 --learning_rate=1.4e-5 --early_stopping=True \
+        --output_dir=llama-se-rl-finetune
+
+    # resume after an interruption
+    python rl_training.py <same flags> --resume_from_checkpoint
+
+Outputs in ``output_dir``: ``metrics.jsonl`` (one row per step), ``training_curves.png``,
+``checkpoint-<step>/`` every ``--save_freq`` steps, the final adapter + ``value_head.safetensors``,
+``merged/`` (the policy with LoRA merged, ready for ``from_pretrained``), ``summary.json`` (held-out
+score and KL before/after) and ``eval_samples.jsonl`` (held-out prompts with responses before/after).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.arguments import parse_stage_args, public_dict
+from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, latest_checkpoint, prune_checkpoints
+from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
+from rlhf.distributed import setup_distributed_env
+from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
+from rlhf.modeling import check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.plotting import plot_curves
+from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
+from rlhf.reward import RewardScorer
+
+logger = logging.getLogger("rlhf")
+
+CURVE_KEYS = [
+    "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy", "loss/value",
+    "policy/approxkl", "policy/clipfrac", "response/length",
+]
+WATCHED = ("objective/scores", "objective/kl", "loss/policy", "loss/value")
+TRAINER_STATE = "ppo_state.pt"
+RUN_STATE = "run_state.json"
+
+
+@dataclass
+class ScriptArguments:
+    """The reference's flags (TRL StackLLaMA / optimum-habana rl_training.py) plus what PPO needs today."""
+
+    model_name: str | None = field(default=None, metadata={"help": "SFT model (merged) to start from."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    reward_model_name: str | None = field(default=None, metadata={"help": "Reward model from reward_modeling.py."})
+    log_with: str | None = field(default=None, metadata={"help": "wandb or tensorboard (besides metrics.jsonl)."})
+    learning_rate: float = field(default=1.41e-5, metadata={"help": "Adam (or Adafactor) learning rate."})
+    input_max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
+    output_max_length: int = field(default=128, metadata={"help": "Most new tokens per response."})
+    output_min_length: int | None = field(
+        default=None, metadata={"help": "If set, sample each batch's response length in [min, max) as the reference."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off)."})
+    mini_batch_size: int = field(default=1, metadata={"help": "PPO minibatch size."})
+    batch_size: int = field(default=32, metadata={"help": "Rollouts per PPO step (per process)."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Optimisation epochs per batch."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
+    adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of Adam."})
+    early_stopping: bool = field(default=False, metadata={"help": "Stop a step's epochs when policy KL > 1.5 target_kl."})
+    target_kl: float = field(default=0.1, metadata={"help": "KL threshold for --early_stopping."})
+    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
+    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adaptive KL controller (else fixed)."})
+    target: float = field(default=6.0, metadata={"help": "Target KL of the adaptive controller."})
+    horizon: float = field(default=10000.0, metadata={"help": "Horizon of the adaptive controller."})
+    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every reward-model score."})
+    normalize_reward: bool = field(default=False, metadata={"help": "Normalise scores with the RM's stored mean/std."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted when a response has no EOS."})
+    score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-c, c]."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    batched_gen: bool = field(default=False, metadata={"help": "Generate the whole batch at once (else one by one)."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
+    steps: int = field(default=20000, metadata={"help": "Most PPO steps."})
+    num_train_epochs: int = field(default=1, metadata={"help": "Passes over the prompts (capped by --steps)."})
+    save_freq: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    output_dir: str = field(default="runs/", metadata={"help": "Where everything is written."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir holding another run."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint path, or true: newest."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    peft: str = field(default="lora", metadata={"help": "lora, or none (full fine-tune, frozen reference copy)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt."})
+    eval_samples: int = field(default=32, metadata={"help": "Held-out prompts evaluated before and after (0: off)."})
+    num_shown_samples: int = field(default=4, metadata={"help": "Responses shown in summary.json and the log."})
+    skip_nonfinite_rewards: bool = field(default=False, metadata={"help": "Skip a batch whose rewards are NaN/inf."})
+    pad_for_acceleration: bool = field(default=False, metadata={"help": "Static shapes (HPU graphs); on HPU: always."})
+    pad_max_input_len: int | None = field(default=None, metadata={"help": "Static prompt width (default input_max_length)."})
+    pad_max_len: int | None = field(default=None, metadata={"help": "Static reward-model input length."})
+    merge_final: bool = field(default=True, metadata={"help": "Also save the merged policy in output_dir/merged."})
+    bf16: bool = field(default=False, metadata={"help": "Load models in bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
+
+    def check(self) -> None:
+        if self.log_with not in (None, "wandb", "tensorboard"):
+            raise UserError(f"--log_with {self.log_with!r} is not supported; use wandb or tensorboard")
+        if self.peft not in ("lora", "none"):
+            raise UserError(f"--peft {self.peft!r} is not supported; use lora or none")
+        for name in ("input_max_length", "output_max_length", "steps", "num_train_epochs", "reward_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} {getattr(self, name)} must be positive")
+        if self.output_min_length is not None and not 1 <= self.output_min_length < self.output_max_length:
+            raise UserError("--output_min_length must be >= 1 and below --output_max_length")
+        if self.save_freq is not None and self.save_freq <= 0:
+            raise UserError(f"--save_freq {self.save_freq} must be positive")
+        if self.eval_samples < 0 or not 0 <= self.lora_dropout < 1 or self.temperature <= 0:
+            raise UserError("--eval_samples >= 0, 0 <= --lora_dropout < 1 and --temperature > 0 are required")
+
+    def ppo_config(self, static_shapes: bool) -> PPOConfig:
+        return PPOConfig(
+            batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, ppo_epochs=self.ppo_epochs,
+            learning_rate=self.learning_rate, init_kl_coef=self.init_kl_coef, adap_kl_ctrl=self.adap_kl_ctrl,
+            target=self.target, horizon=self.horizon, gamma=self.gamma, lam=self.lam, cliprange=self.cliprange,
+            cliprange_value=self.cliprange_value, vf_coef=self.vf_coef, early_stopping=self.early_stopping,
+            target_kl=self.target_kl, max_grad_norm=self.max_grad_norm, whiten_rewards=self.whiten_rewards,
+            score_clip=self.score_clip, missing_eos_penalty=self.missing_eos_penalty,
+            reward_baseline=self.reward_baseline, seed=self.seed,
+            pad_max_input_len=(self.pad_max_input_len or self.input_max_length) if static_shapes else None,
+            pad_responses_to_max_new_tokens=static_shapes,
+        )
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGINT so the loop can finish its step and checkpoint first."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self.request)
+
+    def request(self, number, _frame) -> None:
+        if self.signal_number is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal_number = number
+        logger.warning("Received %s: finishing this step, then checkpointing", signal.Signals(number).name)
+
+
+def load_prompts(data_args: DataArguments, args: ScriptArguments, tokenizer, world: int, rank: int):
+    """(training prompts for this rank, held-out prompts) as rendered prompt texts."""
+    train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=args.seed)
+    template = resolve_template(data_args.prompt_template, tokenizer)
+    train, _ = prepare_examples(train_raw, train_source, tokenizer, template, allow_sft=True)
+    prompts = [p for p in train["prompt"] if p]
+    if not prompts:
+        raise UserError(f"{train_source}: no prompts found (a text-only dataset has none); give prompts to PPO")
+    held_out: list[str] = []
+    if eval_raw is not None:
+        evaluation, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=True)
+        held_out = [p for p in evaluation["prompt"] if p]
+    elif args.eval_samples:
+        shuffled = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        cut = min(args.eval_samples, len(prompts) // 5)
+        held_out = [prompts[i] for i in shuffled[:cut]]
+        prompts = [prompts[i] for i in sorted(shuffled[cut:])]
+    held_out = held_out[: args.eval_samples]
+    prompts = prompts[rank::world]
+    if len(prompts) < args.batch_size:
+        raise UserError(
+            f"{train_source}: {len(prompts)} prompts per process, fewer than --batch_size {args.batch_size}; "
+            "lower --batch_size or give more data"
+        )
+    return prompts, held_out
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], max_length: int) -> list[torch.Tensor]:
+    """Prompts as they are rendered (chat template already applied), keeping the end when too long."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return [torch.tensor(ids[-max_length:], dtype=torch.long) for ids in encoded]
+
+
+def batch_for_step(num_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Prompt indices of PPO step ``step`` (0-based): a fresh seeded shuffle per pass over the data."""
+    per_epoch = num_prompts // batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def build_policy(args: ScriptArguments, backend, resume_dir: Path | None):
+    """SFT model + LoRA (or full weights) + value head; from the checkpoint when resuming."""
+    model_path = check_model_path(args.model_name, "--model_name")
+    dtype = backend.torch_dtype(bf16=args.bf16)
+    base = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    ref_model = None
+    if args.peft == "lora":
+        from peft import PeftModel, get_peft_model
+
+        from rlhf.modeling import LoraArguments, lora_config
+
+        if resume_dir is not None:
+            model = PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
+        else:
+            lora = LoraArguments(
+                lora_rank=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                lora_target_modules=args.lora_target_modules,
+            )
+            model = get_peft_model(base, lora_config(lora, "CAUSAL_LM"))
+    else:
+        ref_model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model = load_causal_lm(str(resume_dir), dtype=dtype) if resume_dir is not None else base
+    value_head = ValueHead(model.config.hidden_size)
+    if resume_dir is not None:
+        load_value_head(value_head, str(resume_dir))
+    device = torch.device(backend.device)
+    model.to(device)
+    value_head.to(device)
+    if ref_model is not None:
+        ref_model.to(device)
+    return PolicyWithValueHead(model, value_head, ref_model=ref_model)
+
+
+def make_optimizer(policy, args: ScriptArguments):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if args.adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.Adam(params, lr=args.learning_rate)
+
+
+def resolve_resume(args: ScriptArguments) -> Path | None:
+    value = args.resume_from_checkpoint
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    if value.lower() == "true":
+        found = latest_checkpoint(args.output_dir)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}; drop the flag")
+        return found
+    path = Path(value)
+    if not (path / TRAINER_STATE).is_file():
+        raise UserError(f"--resume_from_checkpoint {value}: not a PPO checkpoint (no {TRAINER_STATE}); check the path")
+    return path
+
+
+def check_output_dir(args: ScriptArguments, resuming: bool) -> None:
+    folder = Path(args.output_dir)
+    if resuming or args.overwrite_output_dir or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    raise UserError(
+        f"--output_dir {folder} already holds files; pass --overwrite_output_dir to write over them "
+        "or --resume_from_checkpoint to continue that run"
+    )
+
+
+def save_checkpoint(trainer: PPOTrainer, output_dir: str, step: int, args: ScriptArguments) -> Path:
+    final = Path(output_dir) / f"checkpoint-{step}"
+    with atomic_directory(final) as folder:
+        trainer.policy.save_pretrained(str(folder))
+        torch.save(trainer.state_dict(), folder / TRAINER_STATE)
+        (folder / RUN_STATE).write_text(json.dumps({"step": step, "seed": args.seed}))
+    prune_checkpoints(output_dir, args.save_total_limit)
+    return final
+
+
+def check_finite(stats: dict, step: int) -> None:
+    for key in WATCHED:
+        value = stats.get(key)
+        if value is not None and not math.isfinite(value):
+            raise TrainingDiverged(
+                f"{key} is {value} at step {step}; the last checkpoint is intact - resume from it with a lower "
+                "--learning_rate or --init_kl_coef"
+            )
+
+
+def evaluate(trainer: PPOTrainer, tokenizer, prompts: list[str], args: ScriptArguments, label: str) -> dict:
+    """Mean reward-model score and KL to the reference on held-out prompts, with the responses."""
+    if not prompts:
+        return {"metrics": {}, "responses": []}
+    start = time.perf_counter()
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(args.seed + 1234)  # same sampling noise before and after training
+    metrics, samples = trainer.evaluate(
+        prompts, prompt_ids=prompt_token_ids(tokenizer, prompts, args.input_max_length), return_samples=True
+    )
+    torch.set_rng_state(generator_state)
+    logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start, metrics)
+    return {"metrics": metrics, "responses": [s["response"] for s in samples], "scores": [s["score"] for s in samples]}
+
+
+def setup_tracker(args: ScriptArguments, config: dict, is_main: bool):
+    """accelerate's tracker for --log_with (wandb or tensorboard), main process only."""
+    if not args.log_with or not is_main:
+        return None
+    from accelerate import Accelerator
+
+    tracker = Accelerator(cpu=True, log_with=args.log_with, project_dir=args.output_dir)
+    tracker.init_trackers("rl_training", config=config)
+    return tracker
+
+
+def main() -> None:
+    dist = setup_distributed_env()
+    parsed = parse_stage_args((ScriptArguments, DataArguments), False, sys.argv[1:])
+    args, data_args = parsed.values
+    backend = parsed.backend
+    logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args.check()
+    data_args.check(default_dataset="Intel/orca_dpo_pairs")
+    if not args.model_name or not args.reward_model_name:
+        raise UserError("--model_name and --reward_model_name are required")
+    resume_dir = resolve_resume(args)
+    check_output_dir(args, resume_dir is not None)
+    static_shapes = backend.is_gaudi or args.pad_for_acceleration
+    ppo_config = args.ppo_config(static_shapes)
+    logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
+
+    tokenizer = load_tokenizer(args.tokenizer_name or check_model_path(args.model_name, "--model_name"),
+                               padding_side="left", trust_remote_code=args.trust_remote_code)
+    prompts, held_out = load_prompts(data_args, args, tokenizer, dist.world_size, dist.rank)
+    steps_per_epoch = len(prompts) // args.batch_size
+    total_steps = min(args.steps, steps_per_epoch * args.num_train_epochs)
+
+    reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
+    reward_tokenizer = load_tokenizer(reward_path, trust_remote_code=args.trust_remote_code)
+    reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=backend.torch_dtype(bf16=args.bf16))
+    if reward_model.config.num_labels != 1:
+        raise UserError(f"--reward_model_name {reward_path} has {reward_model.config.num_labels} outputs; "
+                        "a reward model must be a one-output sequence classifier (train it with reward_modeling.py)")
+    reward_model.to(torch.device(backend.device)).requires_grad_(False)
+    reward_fn = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
+                             max_length=args.pad_max_len or args.input_max_length + args.output_max_length,
+                             normalize=args.normalize_reward, pad_to_max_length=static_shapes)
+
+    policy = build_policy(args, backend, resume_dir)
+    backend.wrap_for_generation(policy.model) if hasattr(backend, "wrap_for_generation") else None
+    accelerator = backend.make_accelerator() if dist.world_size > 1 or backend.is_gaudi else None
+    generation = {"max_new_tokens": args.output_max_length, "do_sample": True, "temperature": args.temperature,
+                  "top_k": args.top_k, "top_p": args.top_p}
+    trainer = PPOTrainer(ppo_config, policy, tokenizer, reward_fn, optimizer=make_optimizer(policy, args),
+                         accelerator=accelerator, generation_kwargs=generation, mark_step=backend.mark_step())
+    length_sampler = LengthSampler(args.output_min_length, args.output_max_length) if args.output_min_length else None
+
+    output_dir = Path(args.output_dir)
+    is_main = dist.rank == 0
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    start_step = 0
+    if resume_dir is not None:
+        trainer.load_state_dict(torch.load(resume_dir / TRAINER_STATE, weights_only=True))
+        start_step = checkpoint_step(resume_dir)
+        logger.info("Resuming from %s at step %d", resume_dir, start_step)
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_dir else None) if is_main else None
+    run_config = {**public_dict(args), **public_dict(data_args), "world_size": dist.world_size}
+    tracker = setup_tracker(args, run_config, is_main)
+
+    before_file = output_dir / "eval_before.json"
+    if resume_dir is not None and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(trainer, tokenizer, held_out, args, "before PPO")
+        if is_main:
+            before_file.write_text(json.dumps(before))
+
+    logger.info("PPO: %d steps of %d rollouts x %d processes (%d prompts per process)",
+                total_steps, args.batch_size, dist.world_size, len(prompts))
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not is_main, dynamic_ncols=True)
+    step = start_step
+    while step < total_steps:
+        indices = batch_for_step(len(prompts), args.batch_size, step, args.seed)
+        batch_prompts = [prompts[i] for i in indices]
+        prompt_ids = prompt_token_ids(tokenizer, batch_prompts, args.input_max_length)
+        responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
+                                     batch_size=None if args.batched_gen else 1)
+        response_texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        scores = trainer.score(batch_prompts, response_texts, trainer.ended_with_eos(responses))
+        if not torch.isfinite(scores).all():
+            if not args.skip_nonfinite_rewards:
+                raise TrainingDiverged(f"reward is not finite at step {step + 1}; fix the reward model, "
+                                       "or pass --skip_nonfinite_rewards to skip such batches")
+            logger.warning("Skipping step %d: non-finite reward", step + 1)
+            step += 1
+            bar.update(1)
+            continue
+        stats = trainer.step(prompt_ids, responses, scores)
+        step += 1
+        check_finite(stats, step)
+        if is_main:
+            metrics_log.append({"step": step, **stats})
+            if tracker is not None:
+                tracker.log(stats, step=step)
+        bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        bar.update(1)
+        if is_main and args.save_freq and step % args.save_freq == 0:
+            save_checkpoint(trainer, args.output_dir, step, args)
+        if stop.signal_number is not None:
+            if is_main:
+                saved = save_checkpoint(trainer, args.output_dir, step, args)
+                raise Interrupted(f"checkpoint {saved} written at step {step}; resume with the same command "
+                                  "plus --resume_from_checkpoint", 128 + stop.signal_number)
+            raise Interrupted("stopped by signal", 128 + stop.signal_number)
+    bar.close()
+
+    after = evaluate(trainer, tokenizer, held_out, args, "after PPO")
+    if not is_main:
+        return
+    rows = metrics_log.rows()
+    plot = plot_curves(rows, CURVE_KEYS, output_dir / "training_curves.png", title="PPO")
+    trainer.policy.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(output_dir)
+    merged_dir = None
+    if args.merge_final:
+        merged_dir = output_dir / "merged"
+        model = policy.model.merge_and_unload() if policy.is_peft else policy.model
+        model.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+    samples = [
+        {"prompt": p, "response_before": rb, "response_after": ra, "score_before": sb, "score_after": sa}
+        for p, rb, ra, sb, sa in zip(held_out, before.get("responses", []), after["responses"],
+                                     before.get("scores", []), after.get("scores", []))
+    ]
+    with (output_dir / "eval_samples.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(s) + "\n" for s in samples)
+    summary = {
+        "steps": step, "world_size": dist.world_size, "backend": backend.device,
+        "eval_before": before.get("metrics", {}), "eval_after": after["metrics"],
+        "samples": samples[: args.num_shown_samples],
+        "paths": {"metrics": str(output_dir / "metrics.jsonl"), "plot": str(plot) if plot else None,
+                  "adapter": str(output_dir), "merged": str(merged_dir) if merged_dir else None,
+                  "eval_samples": str(output_dir / "eval_samples.jsonl")},
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if tracker is not None:
+        tracker.end_training()
+    logger.info("Done: %d steps. Held-out score %.3f -> %.3f, KL %.3f -> %.3f. Summary: %s", step,
+                summary["eval_before"].get("eval/scores", float("nan")), summary["eval_after"].get("eval/scores", float("nan")),
+                summary["eval_before"].get("eval/kl", float("nan")), summary["eval_after"].get("eval/kl", float("nan")),
+                output_dir / "summary.json")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,114 @@
+"""Atomic checkpoint directories and the per-step metrics log.
+
+A checkpoint is written into a temporary sibling directory and renamed into place only when
+complete, with a ``COMPLETE`` marker inside, so a kill during a save leaves the previous
+checkpoint intact, and resume never picks a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger("rlhf")
+
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``final`` in one rename."""
+    final = Path(final)
+    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        (temporary / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():
+            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(retired)
+            temporary.rename(final)
+            shutil.rmtree(retired)
+        else:
+            temporary.rename(final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint-<step> directory")
+    return int(match.group(1))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` in ``output_dir``; incomplete ones are skipped with a warning."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)), key=checkpoint_step)
+    for candidate in reversed(found):
+        if is_complete(candidate):
+            return candidate
+        logger.warning("Skipping incomplete checkpoint %s (no %s marker)", candidate, COMPLETE_MARKER)
+    return None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (our own checkpoint-* folders only)."""
+    if not keep or keep <= 0:
+        return
+    folder = Path(output_dir)
+    found = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and is_complete(p)),
+        key=checkpoint_step,
+    )
+    for old in found[:-keep]:
+        shutil.rmtree(old)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per step. On resume, rows after the
+    checkpoint's step are dropped so steps are neither duplicated nor missing."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.is_file():
+            kept = [row for row in self.read(self.path) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        rows = []
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+        return rows
+
+    def append(self, row: dict) -> None:
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rows(self) -> list[dict]:
+        return self.read(self.path) if self.path.is_file() else []

@@ -1,0 +1,124 @@
+"""The pipeline's end report: what a user wants to see after SFT -> RM -> PPO.
+
+Reads the stages' own outputs (nothing is re-measured or invented here): the reward model's
+held-out evaluation (`eval_results.json`), PPO's `summary.json` (held-out reward-model score and KL
+to the reference, before and after PPO) and `eval_samples.jsonl` (the held-out responses, to which
+the demo preference rule of `rlhf.demo_rule` is applied), and the plots' paths.
+
+Usage::
+
+    python -m rlhf.report --rm_dir outputs/demo/rm --ppo_dir outputs/demo/ppo --output outputs/demo/report.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+
+from rlhf.demo_rule import check_response, extract_question
+from rlhf.errors import UserError, run_cli
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; run that stage first")
+    return json.loads(path.read_text())
+
+
+def rule_summary(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """Mean of each demo-rule check and of the overall rule score over the responses."""
+    checks = [check_response(extract_question(p), r) for p, r in zip(prompts, responses)]
+    if not checks:
+        return {}
+    summary = {name: mean(float(c[name]) for c in checks) for name in checks[0]}
+    summary["rule_score"] = mean(mean(float(v) for v in c.values()) for c in checks)
+    return summary
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def build_report(rm_dir: Path, ppo_dir: Path, num_examples: int = 3) -> tuple[str, dict]:
+    rm_eval = read_json(rm_dir / "eval_results.json")
+    summary = read_json(ppo_dir / "summary.json")
+    samples_path = ppo_dir / "eval_samples.jsonl"
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    prompts = [s["prompt"] for s in samples]
+    rule_before = rule_summary(prompts, [s["response_before"] for s in samples])
+    rule_after = rule_summary(prompts, [s["response_after"] for s in samples])
+    before, after = summary["eval_before"], summary["eval_after"]
+    numbers = {
+        "rm_accuracy": rm_eval.get("eval_accuracy"),
+        "rm_mean_margin": rm_eval.get("eval_mean_margin"),
+        "rm_eval_samples": rm_eval.get("eval_samples"),
+        "ppo_steps": summary.get("steps"),
+        "heldout_prompts": len(samples),
+        "reward_before": before.get("eval/raw_scores"),
+        "reward_after": after.get("eval/raw_scores"),
+        "kl_before": before.get("eval/kl"),
+        "kl_after": after.get("eval/kl"),
+        "rule_before": rule_before,
+        "rule_after": rule_after,
+    }
+
+    def fmt(value) -> str:
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+    lines = [
+        "# RLHF pipeline report",
+        "",
+        f"Reward model held-out accuracy: {fmt(numbers['rm_accuracy'])} "
+        f"(mean margin {fmt(numbers['rm_mean_margin'])}, {numbers['rm_eval_samples']} pairs)",
+        f"PPO: {numbers['ppo_steps']} steps; evaluated on {len(samples)} held-out prompts",
+        "",
+        "| held-out metric | before PPO | after PPO |",
+        "|---|---|---|",
+        f"| mean reward-model score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
+        f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} |",
+    ]
+    for check in ("on_topic", "polite", "finished"):
+        lines.append(f"| - {check} | {fmt(rule_before.get(check))} | {fmt(rule_after.get(check))} |")
+    lines += [
+        f"| KL to reference (nats/response) | {fmt(numbers['kl_before'])} | {fmt(numbers['kl_after'])} |",
+        f"| response length (tokens) | {fmt(before.get('eval/response_length'))} | "
+        f"{fmt(after.get('eval/response_length'))} |",
+        "",
+        "## Examples (held-out prompts)",
+    ]
+    for sample in samples[:num_examples]:
+        lines += [
+            "",
+            f"- question: {one_line(extract_question(sample['prompt']))}",
+            f"  - before: {one_line(sample['response_before'])}",
+            f"  - after:  {one_line(sample['response_after'])}",
+        ]
+    plots = [p for p in (rm_dir / "training_curves.png", Path(summary["paths"].get("plot") or "")) if p.is_file()]
+    lines += ["", "## Plots", *[f"- {p}" for p in plots]]
+    return "\n".join(lines) + "\n", numbers
+
+
+@dataclass
+class ReportArguments:
+    rm_dir: str = field(default="outputs/demo/rm", metadata={"help": "reward_modeling.py output_dir."})
+    ppo_dir: str = field(default="outputs/demo/ppo", metadata={"help": "rl_training.py output_dir."})
+    output: str = field(default="outputs/demo/report.md", metadata={"help": "Markdown report to write."})
+
+
+def main() -> None:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses()
+    text, numbers = build_report(Path(args.rm_dir), Path(args.ppo_dir))
+    Path(args.output).write_text(text)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(numbers, indent=2))
+    print(text)
+    print(f"report written to {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
