@@ -8,6 +8,7 @@ installed gets transformers' ``Trainer`` and accelerate's ``Accelerator``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -136,6 +137,75 @@ class Backend:
 
             return htcore.mark_step
         return _no_op
+
+    @property
+    def uses_hpu_graphs(self) -> bool:
+        """HPU graphs replay captured lazy-mode graphs: only on HPU in lazy mode."""
+        return self.is_gaudi and self.use_lazy_mode
+
+    def wrap_for_inference(self, model):
+        """Run ``model`` (used for inference only, e.g. the PPO reward model) through HPU graphs.
+
+        ``habana_frameworks.torch.hpu.wrap_in_hpu_graph`` on HPU in lazy mode; returns ``model``
+        unchanged elsewhere. Feed it static shapes, or every new shape captures a new graph.
+        """
+        if not self.uses_hpu_graphs:
+            return model
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+        return wrap_in_hpu_graph(model)
+
+    def wrap_for_generation(self, model):
+        """Make ``model.generate`` run its forward passes through HPU graphs; returns ``model``.
+
+        For a model that is also trained (the PPO policy): the transformers model under any PEFT
+        wrapper is wrapped once with ``habana_frameworks.torch.hpu.wrap_in_hpu_graph`` (as
+        optimum-habana's GaudiPPOTrainer does), but the graphed forward is switched in only for
+        the duration of each ``model.generate`` call; training forward passes stay plain. A no-op
+        off HPU or outside lazy mode (HPU graphs need lazy mode). Calling it twice is harmless.
+        Pad prompts to a fixed width (PPO's ``pad_max_input_len``) or every shape captures a graph.
+        """
+        if not self.uses_hpu_graphs or getattr(model, "_rlhf_generation_graphs", False):
+            return model
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+        inner = _innermost_model(model)
+        plain = inner.__dict__.get("forward")  # None: the class's forward
+        wrap_in_hpu_graph(inner)  # replaces inner.forward in place
+        graphed = inner.forward
+        _set_forward(inner, plain)
+        generate = model.generate
+
+        @functools.wraps(generate)
+        def generate_with_hpu_graphs(*args, **kwargs):
+            inner.forward = graphed
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                _set_forward(inner, plain)
+
+        model.generate = generate_with_hpu_graphs
+        model._rlhf_generation_graphs = True
+        return model
+
+
+def _set_forward(module, forward) -> None:
+    if forward is None:
+        module.__dict__.pop("forward", None)  # back to the class's forward
+    else:
+        module.forward = forward
+
+
+def _innermost_model(model):
+    """The transformers model inside PEFT / accelerate / DDP wrappers (what generate's forward calls)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "module") and not hasattr(model, "generate"):  # DDP
+            model = model.module
+    return model
 
 
 def _no_op() -> None:

@@ -1,0 +1,1 @@
+"""TEST-ONLY EMULATION of ``habana_frameworks.torch.hpex`` (fused kernels -> torch equivalents)."""
