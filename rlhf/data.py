@@ -102,7 +102,29 @@ def read_json_rows(path: Path) -> list[dict]:
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UserError(f"{path}: row {index} is not a JSON object; each row must map column names to values")
-    return rows
+    # Columns are the union over all rows (a key missing from row 0 must not drop its column);
+    # a missing key becomes None, which validation reports with its row.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{key: row.get(key) for key in columns} for row in rows]
+
+
+def rows_to_dataset(rows: list[dict], path: Path):
+    """`Dataset.from_list`, with a column of mixed types reported by file, column and row."""
+    import pyarrow
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_list(rows)
+    except (pyarrow.lib.ArrowInvalid, pyarrow.lib.ArrowTypeError):
+        for column in rows[0] if rows else []:
+            kinds = [(i, type(row[column]).__name__) for i, row in enumerate(rows) if row[column] is not None]
+            for index, kind in kinds:
+                if kind != kinds[0][1]:
+                    raise UserError(
+                        f"{path}: row {index}, column {column!r} is {kind} but row {kinds[0][0]} is "
+                        f"{kinds[0][1]}; give every row the same kind of value"
+                    ) from None
+        raise
 
 
 def file_kind(path: Path) -> str:
@@ -121,11 +143,12 @@ def load_local_file(path_text: str, flag: str):
         raise UserError(f"{flag} {path_text}: no such file; check the path")
     kind = file_kind(path)
     if kind == "json":
-        return Dataset.from_list(read_json_rows(path))
+        return rows_to_dataset(read_json_rows(path), path)
     import pandas
 
     try:
-        frame = pandas.read_csv(path) if kind == "csv" else pandas.read_parquet(path)
+        # CSV has no types: read every cell as text, an empty cell as "" (not NaN).
+        frame = pandas.read_csv(path, dtype=str, keep_default_na=False) if kind == "csv" else pandas.read_parquet(path)
     except (ValueError, OSError, pandas.errors.ParserError) as error:
         raise UserError(f"{path}: cannot be read as {kind} ({str(error).splitlines()[0]}); fix the file") from None
     return Dataset.from_pandas(frame, preserve_index=False)
@@ -162,6 +185,8 @@ def load_splits(args: DataArguments, seed: int = 42) -> tuple[Any, Any | None, s
     if len(train) == 0:
         raise UserError(f"{train_source}: the dataset is empty; give a file with at least one row")
     if evaluation is None and args.validation_split_percentage > 0:
+        # Validate before splitting, so an error names the row of the file, not of a shuffled split.
+        validate_rows(train, detect_format(train.column_names, train_source, allow_sft=True), train_source)
         split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         train, evaluation = split["train"], split["test"]
         eval_source = f"{train_source} ({args.validation_split_percentage}% held out)"
@@ -198,6 +223,8 @@ def check_field(value: Any, source: str, column: str, row: int) -> None:
         if not value:
             raise UserError(f"{source}: row {row}, column {column!r} is an empty conversation; fix or remove the row")
         return
+    if value is None:
+        raise UserError(f"{source}: row {row}, column {column!r} is missing (null); fix or remove the row")
     if not isinstance(value, str):
         raise UserError(
             f"{source}: row {row}, column {column!r} is {type(value).__name__}, not text; fix or remove the row"
@@ -210,7 +237,7 @@ def validate_rows(dataset, fmt: str, source: str) -> None:
     columns = {**PREFERENCE_FORMATS, **SFT_ONLY_FORMATS}[fmt]
     for column in columns:
         for row, value in enumerate(dataset[column]):
-            if fmt == "orca" and column == "system" and value == "":
+            if fmt == "orca" and column == "system" and value in ("", None):
                 continue  # orca rows may have no system prompt
             check_field(value, source, column, row)
 

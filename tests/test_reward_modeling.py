@@ -1,0 +1,244 @@
+"""reward_modeling.py end to end on a tiny model and the demo preference data.
+
+One subprocess run trains on data/demo/train.jsonl and evaluates on data/demo/test.jsonl (the
+CLI as users run it); the reference's command, the data formats, resuming and the error cases run
+in-process through ``run_cli(main)``, which is what the script's ``__main__`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import reward_modeling  # noqa: E402
+from rlhf.errors import run_cli  # noqa: E402
+
+TRAIN = REPO / "data" / "demo" / "train.jsonl"
+TEST = REPO / "data" / "demo" / "test.jsonl"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
+# Tuned for the tiny random-init model on 2 CPU cores: a full fine-tune learns "polite" and "finished"
+# within 3 epochs (about 0.82 held out). "On topic" (a third of the rejected answers) does not generalise
+# to the test set's unseen question/topic combinations even after 10 epochs (train loss ~0.02, held-out
+# 0.84), so 0.9 is out of reach for this model; the test asks for clearly above chance.
+ACCURACY_FLAGS = [
+    "--peft", "none", "--learning_rate", "2e-3", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
+    "--logging_steps", "10", "--per_device_eval_batch_size", "32", "--reward_stats_samples", "128",
+]
+MIN_ACCURACY = 0.75
+
+
+def demo_rows(n: int = 16) -> list[dict]:
+    return [json.loads(line) for line in TRAIN.read_text().splitlines()[:n]]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def run_main(monkeypatch, argv: list[str]) -> int:
+    monkeypatch.setattr(sys, "argv", ["reward_modeling.py", *argv])
+    return run_cli(reward_modeling.main)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir  # conftest.py: built once per session with rlhf.tiny_model
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("rm") / "out"
+    command = [
+        sys.executable, str(REPO / "reward_modeling.py"), "--model_name_or_path", tiny_dir,
+        "--train_file", str(TRAIN), "--validation_file", str(TEST), "--output_dir", str(output),
+        *QUIET, *ACCURACY_FLAGS,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+# ---------------------------------------------------------------- the trained model
+
+
+def test_heldout_accuracy_above_chance(trained):
+    output, _ = trained
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["eval_samples"] == 140
+    assert results["eval_accuracy"] >= MIN_ACCURACY, results
+    assert results["eval_mean_margin"] > 0
+    for key in ("eval_chosen_mean", "eval_rejected_mean", "eval_score_mean", "eval_score_std"):
+        assert key in results
+
+
+def test_saved_model_loads_with_auto_classes_and_ranks_pairs(trained):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    output, _ = trained
+    assert not (output / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(output).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+    rows = [json.loads(line) for line in TEST.read_text().splitlines()]
+    wins = 0
+    for row in rows:
+        messages = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        scores = []
+        for answer in (row["chosen"], row["rejected"]):
+            encoded = tokenizer(prompt + answer, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                scores.append(model(**encoded).logits[0, 0].item())
+        wins += scores[0] > scores[1]
+    assert wins / len(rows) >= MIN_ACCURACY
+
+
+def test_saved_config_and_files(trained):
+    output, result = trained
+    config = json.loads((output / "config.json").read_text())
+    assert isinstance(config["reward_mean"], float)
+    assert config["reward_std"] > 0
+    assert (output / "training_curves.png").stat().st_size > 0
+    assert (output / "tokenizer.json").is_file() and (output / "train_results.json").is_file()
+    assert "longer than --max_length" in result.stdout  # the over-long count is reported
+
+
+# ---------------------------------------------------------------- the reference's command
+
+
+def test_reference_command_runs(tiny_dir, tmp_path, monkeypatch):
+    """The reference's flags as they are (plus local data): 2% held out, LoRA merged on save."""
+    output = tmp_path / "rm"
+    argv = [
+        "--model_name_or_path", tiny_dir, "--train_file", str(TRAIN), "--output_dir", str(output),
+        "--log_level", "info", "--num_train_epochs", "1", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+        "--max_train_samples", "60", "--report_to", "none", "--hf_access_token", "hf_dummy_secret_value",
+        "--ddp_find_unused_parameters", "false",
+    ]
+    assert run_main(monkeypatch, argv) == 0
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["eval_samples"] == 8 and "eval_accuracy" in results  # 2% of the 400 rows held out
+    assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
+    assert any(output.glob("checkpoint-*"))  # trainer checkpoints are still written by default
+    assert "hf_dummy_secret_value" not in "".join(p.read_text(errors="ignore") for p in output.glob("*.json"))
+
+
+# ---------------------------------------------------------------- data formats
+
+
+def format_rows(kind: str) -> list[dict]:
+    rows = []
+    for i, row in enumerate(demo_rows()):
+        if kind == "prompt":
+            rows.append({"prompt": row["question"], "chosen": row["chosen"], "rejected": row["rejected"]})
+        elif kind == "margin":
+            rows.append({"prompt": row["question"], "chosen": row["chosen"], "rejected": row["rejected"], "margin": i % 3})
+        elif kind == "implicit":
+            head = f"\n\nHuman: {row['question']}\n\nAssistant:"
+            rows.append({"chosen": f"{head} {row['chosen']}", "rejected": f"{head} {row['rejected']}"})
+        elif kind == "conversational":
+            turns = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+            rows.append({
+                "chosen": turns + [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": turns + [{"role": "assistant", "content": row["rejected"]}],
+            })
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["prompt", "margin", "implicit", "conversational"])
+def test_every_format_trains(kind, tiny_dir, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / f"{kind}.jsonl", format_rows(kind))
+    output = tmp_path / "out"
+    argv = [
+        "--model_name_or_path", tiny_dir, "--train_file", train, "--output_dir", str(output), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--validation_split_percentage", "25", *QUIET,
+    ]
+    assert run_main(monkeypatch, argv) == 0
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert "eval_accuracy" in json.loads((output / "eval_results.json").read_text())
+
+
+def test_resume_from_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows())
+    common = [
+        "--model_name_or_path", tiny_dir, "--train_file", train, "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "steps", "--save_steps", "1",
+    ]
+    assert run_main(monkeypatch, [*common, "--max_steps", "2"]) == 0
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert run_main(monkeypatch, [*common, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def bad_case(name: str, tmp_path: Path) -> tuple[list[str], str]:
+    rows = demo_rows(8)
+    if name == "missing_column":
+        return ["--train_file", write_jsonl(tmp_path / "a.jsonl", [{"question": r["question"], "chosen": r["chosen"]} for r in rows])], "columns"
+    if name == "empty_field":
+        rows[3]["rejected"] = "  "
+        return ["--train_file", write_jsonl(tmp_path / "b.jsonl", rows)], "row 3, column 'rejected'"
+    if name == "malformed_json":
+        path = tmp_path / "c.jsonl"
+        path.write_text(json.dumps(rows[0]) + "\n{\"system\": oops\n")
+        return ["--train_file", str(path)], "line 2"
+    if name == "missing_file":
+        return ["--train_file", str(tmp_path / "nope.jsonl")], "no such file"
+    if name == "max_length_zero":
+        return ["--train_file", str(TRAIN), "--max_length", "0"], "--max_length"
+    if name == "max_length_negative":
+        return ["--train_file", str(TRAIN), "--max_length", "-4"], "--max_length"
+    if name == "bad_overflow":
+        return ["--train_file", str(TRAIN), "--overflow", "cut"], "--overflow"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["missing_column", "empty_field", "malformed_json", "missing_file", "max_length_zero", "max_length_negative", "bad_overflow"],
+)
+def test_bad_input_exits_2_with_one_line(name, tiny_dir, tmp_path, monkeypatch, capsys):
+    expected = bad_case(name, tmp_path)[1]
+    # no held-out split, so row numbers are the file's (a random split renumbers the rows)
+    argv = ["--model_name_or_path", tiny_dir, "--output_dir", str(tmp_path / "out"), "--validation_split_percentage", "0"]
+    code = run_main(monkeypatch, [*argv, *bad_case(name, tmp_path)[0], *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    # stderr may also hold the datasets progress bars drawn before the failure; the error is one line, last
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert err.strip().splitlines()[-1] == errors[0]
+    assert errors[0].startswith("reward_modeling.py: error:") and expected in errors[0]
+
+
+def test_bad_input_cli_has_no_traceback(tiny_dir, tmp_path):
+    command = [
+        sys.executable, str(REPO / "reward_modeling.py"), "--model_name_or_path", tiny_dir,
+        "--train_file", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "no such file" in result.stderr
