@@ -127,6 +127,7 @@ def main() -> None:
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, low_cpu_mem_usage=model_args.low_cpu_mem_usage,
     )
+    model.config.use_cache = False  # training needs no KV cache, and packing is only separated without one
     if lora_args.peft == "lora":
         from peft import get_peft_model
 

@@ -27,6 +27,7 @@ from rlhf.errors import UserError
 LEGACY_RENAMES = {"--evaluation_strategy": "--eval_strategy"}
 TOKEN_FLAGS = ("--hf_access_token", "--use_auth_token", "--token")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_LOGGING_STEPS = 10
 TRUTHY = {"true", "1", "yes"}
 FALSY = {"false", "0", "no"}
 
@@ -152,6 +153,8 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
     if with_training_args:
         trainer_class, training_args_class = backend.trainer_classes()
         training_fields = field_names(training_args_class)
+        if not any(a.split("=")[0] == "--logging_steps" for a in argv):
+            argv = [*argv, "--logging_steps", str(DEFAULT_LOGGING_STEPS)]  # enough points for the curves
         if backend.device == "cpu" and "use_cpu" in training_fields and "--use_cpu" not in argv:
             argv = [*argv, "--use_cpu", "true"]
         if backend.is_gaudi and "use_habana" in training_fields:

@@ -45,7 +45,9 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
     blocks: list[dict] = []
     current = {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
-        ids, labels = example["input_ids"], example["labels"]
+        # The first token of a document is never a target: in a packed block it would be
+        # predicted from the previous document's last token.
+        ids, labels = example["input_ids"], [IGNORE_INDEX, *example["labels"][1:]]
         position = 0
         while ids:
             room = block_size - len(current["input_ids"])

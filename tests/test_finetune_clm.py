@@ -1,0 +1,209 @@
+"""Tests for finetune_clm.py (SFT stage), run as a user runs it: a subprocess from the repo root."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import finetune_clm
+from rlhf.errors import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = "finetune_clm.py"
+TRAIN = "data/demo/train.jsonl"
+SECRET = "hf_SECRETtoken0987654321"
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, the error as the LAST stderr line, no traceback. Returns that line."""
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    line = lines[-1]
+    assert line.startswith(f"{SCRIPT}: error:"), result.stderr[-4000:]
+    assert len(lines) == 1, result.stderr[-4000:]  # nothing else (warnings, progress bars) on stderr
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``main`` under ``run_cli`` in this process (fast; the subprocess tests cover real exits)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *args])
+    capsys.readouterr()
+    code = run_cli(finetune_clm.main)
+    return code, capsys.readouterr().err
+
+
+def assert_in_process_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{SCRIPT}: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+# ---------------------------------------------------------------- successful runs
+
+
+def test_lora_run_writes_adapter_tokenizer_metrics_and_curves(tiny_model_dir, tmp_path):
+    out = tmp_path / "sft"
+    result = run("--model_name_or_path", tiny_model_dir, "--train_file", TRAIN, "--output_dir", str(out),
+                 "--peft", "lora", "--max_steps", "20", "--do_train", "--device", "cpu", "--logging_steps", "5",
+                 "--report_to", "none")
+    assert_ok(result)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "all_results.json", "trainer_state.json", "training_curves.png"):
+        assert (out / name).is_file(), f"{name} missing; have {sorted(p.name for p in out.iterdir())}"
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "CAUSAL_LM" and adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert adapter["base_model_name_or_path"] == tiny_model_dir
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_samples"] == 400 and results["train_loss"] > 0
+    assert not (out / "model.safetensors").exists()  # LoRA: the adapter only
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20
+
+
+def test_training_loss_falls(tiny_model_dir, tmp_path):
+    out = tmp_path / "full"
+    result = run("--model_name_or_path", tiny_model_dir, "--train_file", TRAIN, "--output_dir", str(out),
+                 "--peft", "none", "--learning_rate", "5e-3", "--max_steps", "25", "--logging_steps", "1",
+                 "--per_device_train_batch_size", "4", "--do_train", "--report_to", "none", "--save_strategy", "no",
+                 "--disable_tqdm", "true")
+    assert_ok(result)
+    losses = [row["loss"] for row in log_history(out) if "loss" in row]
+    assert len(losses) == 25
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.5, losses  # about 6.2 -> 5.0 on the demo data (ln 512 = 6.24 at random init)
+    assert (out / "model.safetensors").is_file()  # full fine-tune saves the whole model
+
+
+def test_reference_sft_command_runs(tiny_model_dir, tmp_path):
+    """The reference command's flags unchanged (bf16 included), pointed at the tiny model and the local
+    demo file, plus legacy flags (the token's value must never be echoed) and a validation split, so
+    the same run checks that packing + held-out data report perplexity."""
+    out = tmp_path / "llama2_7b_se"
+    result = run(
+        "--model_name_or_path", tiny_model_dir, "--bf16", "True", "--train_file", TRAIN,
+        "--dataset_concatenation", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
+        "--learning_rate", "1e-4", "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "2000",
+        "--save_total_limit", "1", "--logging_steps", "1", "--do_train", "--overwrite_output_dir",
+        "--log_level", "info", "--output_dir", str(out), "--peft", "lora", "--use_fast_tokenizer", "false",
+        "--max_steps", "2", "--report_to", "none", "--hf_access_token", SECRET, "--evaluation_strategy", "no",
+        "--validation_split_percentage", "10", "--max_seq_length", "128", "--max_source_length", "96",
+        "--per_device_eval_batch_size", "8",
+    )
+    assert_ok(result)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_curves.png").is_file()
+    assert len([row for row in log_history(out) if "loss" in row]) == 2
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert evaluation["eval_samples"] > 0 and evaluation["perplexity"] > 1
+    assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["eval_loss"]), rel=1e-6)
+    assert "blocks" in result.stdout + result.stderr  # the training data was packed into blocks
+    assert SECRET not in result.stdout and SECRET not in result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------- user errors: exit 2, one line
+# Two as real processes (an early and a late failure), the rest in-process through run_cli.
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_data")
+    good = json.dumps({"system": "", "question": "q", "chosen": "a", "rejected": "b"})
+    (root / "missing_column.jsonl").write_text(json.dumps({"question": "q", "rejected": "b"}) + "\n")
+    (root / "malformed.jsonl").write_text(good + "\n" + good + "\n{broken\n")
+    return root
+
+
+def test_missing_model_dir(tmp_path):
+    result = run("--model_name_or_path", str(tmp_path / "no_model"), "--train_file", TRAIN,
+                 "--output_dir", str(tmp_path / "o"), "--do_train")
+    assert_user_error(result, "--model_name_or_path", "no_model")
+
+
+def test_missing_train_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file",
+                               str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "o"), "--do_train")
+    assert_in_process_user_error(code, err, "--train_file", "nope.jsonl")
+
+
+def test_train_file_with_missing_column(tiny_model_dir, tmp_path, bad_files, monkeypatch, capsys):
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file",
+                               str(bad_files / "missing_column.jsonl"), "--output_dir", str(tmp_path / "o"),
+                               "--do_train")
+    assert_in_process_user_error(code, err, "missing_column.jsonl", "columns")
+
+
+def test_malformed_json_line(tiny_model_dir, tmp_path, bad_files):
+    result = run("--model_name_or_path", tiny_model_dir, "--train_file", str(bad_files / "malformed.jsonl"),
+                 "--output_dir", str(tmp_path / "o"), "--do_train")
+    assert_user_error(result, "malformed.jsonl", "line 3")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--max_source_length", "600", "--max_seq_length", "512"], "--max_source_length 600"),
+        (["--lora_dropout", "2"], "--lora_dropout"),
+        (["--validation_split_percentage", "150"], "--validation_split_percentage 150"),
+        (["--use_habana"], "Gaudi"),
+        (["--no_such_flag", "1"], "--no_such_flag"),
+    ],
+    ids=["source_longer_than_seq", "lora_dropout", "split_percentage", "use_habana", "unknown_flag"],
+)
+def test_bad_flags(flags, fragment, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN,
+                               "--output_dir", str(out), "--do_train", *flags)
+    assert_in_process_user_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_nothing_to_do(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN,
+                               "--output_dir", str(tmp_path / "o"))
+    assert_in_process_user_error(code, err, "--do_train")
+
+
+def test_non_empty_output_dir_is_left_alone(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()
+    keep = out / "previous_run.txt"
+    keep.write_text("do not touch")
+    before = keep.stat().st_mtime_ns
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN,
+                               "--output_dir", str(out), "--do_train", "--max_steps", "1")
+    assert_in_process_user_error(code, err, "--overwrite_output_dir")
+    assert sorted(p.name for p in out.iterdir()) == ["previous_run.txt"]
+    assert keep.read_text() == "do not touch" and keep.stat().st_mtime_ns == before

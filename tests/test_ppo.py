@@ -1,0 +1,395 @@
+"""Tests for rlhf/ppo.py: hand-computed pieces, then PPO on a tiny random Llama + LoRA on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.errors import UserError
+from rlhf.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyWithValueHead,
+    PPOConfig,
+    PPOTrainer,
+    ValueHead,
+    compute_gae,
+    compute_rewards,
+    entropy_from_logits,
+    load_value_head,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_losses,
+    truncate_after_eos,
+)
+
+torch.set_num_threads(2)
+
+# ------------------------------------------------------------------ hand-computed pieces
+
+
+def test_masked_statistics_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0])
+    assert masked_var(x, mask).item() == pytest.approx(1.0)  # (1 + 0 + 1) / (3 - 1)
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(2 / 3)
+    white = masked_whiten(x, mask)
+    assert white[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert white[0, 3].item() == 100.0  # padding untouched
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert kept[0, :3].tolist() == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_logprobs_and_entropy_from_logits():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # probabilities 1/4, 3/4
+    assert logprobs_from_logits(logits, torch.tensor([1])).item() == pytest.approx(math.log(0.75))
+    assert logprobs_from_logits(logits, torch.tensor([0])).item() == pytest.approx(math.log(0.25))
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert entropy_from_logits(logits).item() == pytest.approx(expected)
+
+
+def test_truncate_after_eos():
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    out, mask, ended = truncate_after_eos(ids, eos, pad)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_truncate_after_eos_when_pad_is_eos():
+    # SmolLM2: pad id == eos id. generate() fills finished rows with it; the mask must still keep
+    # the first EOS (so the model learns to stop) and only that.
+    ids = torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8], [5, 6, 2, 2]])
+    out, mask, ended = truncate_after_eos(ids, eos_token_id=2, pad_token_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert out.tolist() == [[5, 2, 2, 2], [5, 6, 7, 8], [5, 6, 2, 2]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_compute_rewards_puts_score_on_last_real_token():
+    scores = torch.tensor([1.0, -2.0])
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, non_score, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.5)
+    assert kl.tolist() == pytest.approx([[0.5, 0.0, -0.5], [0.0, -1.0, 0.0]])
+    assert non_score.tolist() == pytest.approx([[-0.25, 0.0, 0.25], [0.0, 0.5, 0.0]])
+    # row 0: score on column 2; row 1: score on column 1 (column 2 is padding, stays 0)
+    assert rewards.tolist() == pytest.approx([[-0.25, 0.0, 1.25], [0.0, -1.5, 0.0]])
+    assert rewards.dtype == torch.float32
+
+
+def test_compute_gae_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = compute_gae(values, rewards, mask, gamma=1.0, lam=0.5)
+    # Padding zeroed: V = [1, 2, 3, 0], r = [0, 0, 1, 0].
+    # t=2: delta = 1 + 0 - 3 = -2, A2 = -2
+    # t=1: delta = 0 + 3 - 2 = 1,  A1 = 1 + 0.5 * -2 = 0
+    # t=0: delta = 0 + 2 - 1 = 1,  A0 = 1 + 0.5 * 0 = 1
+    assert returns.tolist() == pytest.approx([[2.0, 2.0, 1.0, 0.0]])  # A + V
+    raw = torch.tensor([1.0, 0.0, -2.0])
+    mean, std = -1 / 3, math.sqrt(7 / 3)  # unbiased: ((4/3)^2 + (1/3)^2 + (5/3)^2) / 2 = 7/3
+    expected = ((raw - mean) / std).tolist()
+    assert advantages[0, :3].tolist() == pytest.approx(expected, abs=1e-5)
+    assert advantages[0, 3].item() == 0.0
+
+    # lam = 1 gives Monte-Carlo returns: gamma 0.5, rewards [0, 1] -> G = [0.5, 1].
+    _, returns = compute_gae(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2), 0.5, 1.0)
+    assert returns.tolist() == pytest.approx([[0.5, 1.0]])
+
+
+def test_kl_controllers():
+    ctl = AdaptiveKLController(0.2, target=6, horizon=10000)
+    ctl.update(current_kl=12.0, n_steps=100)  # error clipped to +0.2: 0.2 * (1 + 0.2 * 100 / 10000)
+    assert ctl.value == pytest.approx(0.2004)
+    ctl.update(current_kl=5.4, n_steps=1000)  # error -0.1: * (1 - 0.1 * 1000 / 10000) = * 0.99
+    assert ctl.value == pytest.approx(0.2004 * 0.99)
+    other = AdaptiveKLController(1.0, 1.0, 1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value and other.target == 6 and other.horizon == 10000
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 100)
+    assert fixed.value == 0.3
+    fixed.load_state_dict({"value": 0.1})
+    assert fixed.value == 0.1
+
+
+def test_ppo_losses_with_active_clipping():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    new = torch.tensor([[math.log(1.5), math.log(0.5), 5.0]])  # ratios 1.5, 0.5, garbage (masked)
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 1.0, 100.0]])
+    vpred = torch.tensor([[1.0, 0.0, 50.0]])
+    old_values = torch.tensor([[0.5, 0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.0]])
+    loss, stats = ppo_losses(new, old, adv, vpred, old_values, returns, mask, 0.2, 0.2, vf_coef=0.1)
+    # policy: -A*r = [-1.5, -0.5]; -A*clip(r) = [-1.2, -0.8]; max = [-1.2, -0.5] -> mean -0.85
+    assert stats["loss/policy"].item() == pytest.approx(-0.85)
+    assert stats["policy/clipfrac"].item() == pytest.approx(0.5)
+    # value: clipped preds [0.7, 0.3]; squared errors [1, 0] vs [1.69, 0.09] -> 0.5 * mean(max) = 0.445
+    assert stats["loss/value"].item() == pytest.approx(0.445)
+    assert stats["value/clipfrac"].item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(-0.85 + 0.1 * 0.445)
+    assert stats["policy/ratio_mean"].item() == pytest.approx(1.0)
+    assert stats["policy/approxkl"].item() == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(0.5) ** 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(batch_size=10, mini_batch_size=4), "--batch_size 10"),
+        (dict(batch_size=8, mini_batch_size=2, gradient_accumulation_steps=3), "--batch_size 8"),
+        (dict(mini_batch_size=0), "--mini_batch_size"),
+        (dict(learning_rate=-1.0), "--learning_rate"),
+        (dict(gamma=1.5), "--gamma"),
+        (dict(cliprange=0.0), "--cliprange"),
+        (dict(target_kl=0), "--target_kl"),
+        (dict(missing_eos_penalty=-1.0), "--missing_eos_penalty"),
+        (dict(score_clip=0.0), "--score_clip"),
+    ],
+)
+def test_invalid_config_raises_user_error(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        PPOConfig(**kwargs)
+
+
+def test_valid_config_batch_semantics():
+    cfg = PPOConfig(batch_size=16, mini_batch_size=2, gradient_accumulation_steps=4)
+    assert cfg.backward_batch_size == 8
+
+
+# ------------------------------------------------------------------ tiny model fixtures
+
+LORA_TARGETS = ["q_proj", "v_proj", "lm_head"]  # lm_head: a random-init model has no shared
+# structure a rule could exploit through attention alone; adapting the head keeps the test short.
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from rlhf.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def make_policy(tiny_dir, lora=True, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    if lora:
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return PolicyWithValueHead(model)
+
+
+def even_token_fraction(tokenizer):
+    """Rule reward on text: fraction of the response's tokens (re-tokenized) with an even id."""
+
+    def reward(prompts, responses):
+        out = []
+        for text in responses:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append(sum(i % 2 == 0 for i in ids) / max(len(ids), 1))
+        return out
+
+    return reward
+
+
+def chat_prompts(tokenizer, n):
+    questions = ["What is Mars?", "Say hi.", "Name a color.", "Count to three."]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": questions[i % 4]}], tokenize=False,
+                                      add_generation_prompt=True)
+        for i in range(n)
+    ]
+
+
+GEN = dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+
+
+def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, **cfg):
+    policy = make_policy(tiny_dir, lora=lora)
+    config = PPOConfig(**{"batch_size": 8, "mini_batch_size": 4, "learning_rate": 5e-3, "seed": 0, **cfg})
+    return PPOTrainer(config, policy, tokenizer, reward or even_token_fraction(tokenizer), generation_kwargs=GEN)
+
+
+# ------------------------------------------------------------------ model-level tests
+
+
+def test_policy_forward_is_padding_invariant(tiny_dir, tokenizer):
+    trainer = make_trainer(tiny_dir, tokenizer)
+    prompts = [torch.tensor([1, 20, 30]), torch.tensor([1, 40, 50, 60, 70])]
+    responses = [torch.tensor([11, 12, 2]), torch.tensor([13])]
+    batch = trainer._build_batch(prompts, responses)
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]]
+    assert batch["position_ids"][0, 2:6].tolist() == [0, 1, 2, 3]
+    rollout = trainer._rollout_forward(batch)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.cat([p, r])[None]
+        logits, values = trainer.policy(ids, torch.ones_like(ids))
+        lp = logprobs_from_logits(logits[:, len(p) - 1 : -1], r[None])[0]
+        assert torch.allclose(lp, rollout["logprobs"][i, : len(r)], atol=1e-5)
+        assert torch.allclose(values[0, len(p) - 1 : -1], rollout["values"][i, : len(r)], atol=1e-5)
+        # LoRA B is zero-initialised: the adapter-disabled reference equals the policy.
+        assert torch.equal(rollout["ref_logprobs"][i, : len(r)], rollout["logprobs"][i, : len(r)])
+
+
+def test_generate_cuts_after_eos_and_static_padding(tiny_dir, tokenizer):
+    trainer = make_trainer(tiny_dir, tokenizer, pad_max_input_len=16, pad_responses_to_max_new_tokens=True)
+    prompts = [torch.tensor(tokenizer("hello there", add_special_tokens=False)["input_ids"][: i + 1]) for i in range(2)]
+    eos = tokenizer.eos_token_id
+    responses = trainer.generate(prompts * 4, eos_token_id=eos)
+    assert len(responses) == 8
+    for r in responses:
+        assert 1 <= r.numel() <= GEN["max_new_tokens"]
+        assert eos not in r[:-1].tolist()  # EOS, if any, is the last token
+    batch = trainer._build_batch(prompts * 4, responses)
+    assert batch["input_ids"].shape == (8, 16 + GEN["max_new_tokens"])  # static shapes
+    with pytest.raises(UserError, match="pad_max_input_len"):
+        trainer.generate([torch.arange(3, 30)])
+
+
+def test_score_applies_baseline_penalty_and_clip(tiny_dir, tokenizer):
+    trainer = make_trainer(
+        tiny_dir, tokenizer, reward=lambda p, r: [3.0, 0.5, -4.0], reward_baseline=0.5, missing_eos_penalty=1.0,
+        score_clip=2.0,
+    )
+    scores = trainer.score(["a"] * 3, ["x"] * 3, ended_with_eos=[True, False, True])
+    assert scores.tolist() == pytest.approx([2.0, -1.0, -2.0])  # [2.5 -> clip 2, 0 - 1, -4.5 -> clip -2]
+
+
+def lora_and_head(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
+
+
+def test_ppo_learns_a_rule_reward_and_keeps_base_weights(tiny_dir, tokenizer):
+    # TRL-0.11-style loop: generate -> score -> step. The rule: fraction of response tokens with an
+    # even id (half the vocabulary), computed on the ids so the signal is exact.
+    trainer = make_trainer(tiny_dir, tokenizer, batch_size=16, learning_rate=1e-2, init_kl_coef=0.02)
+    policy = trainer.policy
+    base_before = {k: v.detach().clone() for k, v in policy.named_parameters() if not v.requires_grad}
+    trained_before = lora_and_head(policy)
+    assert all("lora_" in k or k.startswith("value_head.") for k in trained_before)
+    prompts = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in chat_prompts(tokenizer, 16)]
+    history = []
+    for _ in range(20):
+        responses = trainer.generate(prompts)
+        scores = [float((r % 2 == 0).float().mean()) for r in responses]
+        history.append(trainer.step(prompts, responses, scores))
+
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "policy/approxkl",
+                "policy/clipfrac", "loss/policy", "loss/value", "response/length", "time/generate_s",
+                "time/score_s", "time/forward_s", "time/update_s", "time/step_s", "ppo/early_stopped",
+                "ppo/skipped_minibatches"):
+        assert all(math.isfinite(h[key]) for h in history), key
+    assert history[0]["time/generate_s"] > 0 and history[0]["time/score_s"] == 0.0  # score() not used
+    assert abs(history[0]["objective/kl"]) < 1e-6  # reference = adapter disabled, LoRA B = 0
+    assert history[-1]["objective/kl"] > 0.1
+    first = sum(h["objective/scores"] for h in history[:5]) / 5
+    last = sum(h["objective/scores"] for h in history[-5:]) / 5
+    assert last > first + 0.15, (first, last)
+    assert trainer.current_step == 20
+    assert history[0]["objective/kl_coef"] == 0.02 and history[-1]["objective/kl_coef"] != 0.02  # adaptive
+
+    for k, v in policy.named_parameters():
+        if not v.requires_grad:
+            assert torch.equal(v, base_before[k]), f"base weight {k} changed"
+    changed = [k for k, v in lora_and_head(policy).items() if not torch.equal(v, trained_before[k])]
+    assert any("lora_B" in k for k in changed) and any(k.startswith("value_head.") for k in changed)
+
+
+def test_state_dict_round_trip_resumes_bit_exact(tiny_dir, tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompts = chat_prompts(tokenizer, 8)
+    uninterrupted = make_trainer(tiny_dir, tokenizer)
+    expected = [uninterrupted.train_step(prompts) for _ in range(3)][-1]
+
+    first = make_trainer(tiny_dir, tokenizer)
+    for _ in range(2):
+        first.train_step(prompts)
+    first.policy.save_pretrained(str(tmp_path / "ckpt"))
+    torch.save(first.state_dict(), tmp_path / "ckpt" / "trainer_state.pt")
+    del first
+
+    torch.manual_seed(123)  # disturb global RNG: the load must restore it
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "ckpt"), is_trainable=True)
+    head = load_value_head(ValueHead(base.config.hidden_size), str(tmp_path / "ckpt"))
+    config = PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=5e-3, seed=0)
+    resumed = PPOTrainer(config, PolicyWithValueHead(model, head), tokenizer, even_token_fraction(tokenizer),
+                         generation_kwargs=GEN)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=True))
+    assert resumed.current_step == 2
+    got = resumed.train_step(prompts)
+    assert resumed.current_step == 3
+    for key, value in expected.items():
+        if not key.startswith("time/"):
+            assert got[key] == value, key
+    for (k1, v1), (k2, v2) in zip(lora_and_head(uninterrupted.policy).items(), lora_and_head(resumed.policy).items()):
+        assert torch.equal(v1, v2), (k1, k2)
+
+
+def test_early_stopping_and_ratio_skip(tiny_dir, tokenizer):
+    prompts = chat_prompts(tokenizer, 8)
+    stopper = make_trainer(tiny_dir, tokenizer, learning_rate=5e-2, early_stopping=True, target_kl=1e-6)
+    stats = stopper.train_step(prompts)
+    assert stats["ppo/early_stopped"] == 1.0
+    assert stats["ppo/minibatches"] < 4 * 2  # ppo_epochs * minibatches per epoch
+
+    skipper = make_trainer(tiny_dir, tokenizer, ratio_threshold=0.5)  # mean ratio ~1 > 0.5: skip everything
+    before = lora_and_head(skipper.policy)
+    stats = skipper.train_step(prompts)
+    assert stats["ppo/skipped_minibatches"] == stats["ppo/minibatches"] == 8
+    assert stats["ppo/optimizer_steps"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in lora_and_head(skipper.policy).items())
+
+
+def test_full_finetune_needs_reference_model(tiny_dir, tokenizer):
+    import copy
+
+    policy = make_policy(tiny_dir, lora=False)
+    with pytest.raises(UserError, match="ref_model"):
+        PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4), policy, tokenizer, even_token_fraction(tokenizer))
+    ref = copy.deepcopy(policy.model)
+    trainer = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=1e-3), policy, tokenizer,
+                         even_token_fraction(tokenizer), ref_model=ref, generation_kwargs=GEN)
+    assert "ref_model" not in dict(policy.named_modules())  # not trained, not saved
+    first = trainer.train_step(chat_prompts(tokenizer, 8))
+    second = trainer.train_step(chat_prompts(tokenizer, 8))
+    assert abs(first["objective/kl"]) < 1e-6 and second["objective/kl"] != 0.0
+
+
+def test_step_with_accelerator(tiny_dir, tokenizer):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    policy = make_policy(tiny_dir)
+    marks = []
+    try:
+        trainer = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2), policy,
+                             tokenizer, even_token_fraction(tokenizer), accelerator=Accelerator(cpu=True),
+                             generation_kwargs=GEN, mark_step=lambda: marks.append(1))
+        stats = trainer.train_step(chat_prompts(tokenizer, 8))
+    finally:
+        AcceleratorState._reset_state(True)  # the singleton must not leak into other tests
+    assert stats["ppo/optimizer_steps"] == 4  # 4 epochs x (8 / (4 x 2)) backward batches
+    assert len(marks) >= 8 + 4  # after each backward and each optimizer step
