@@ -46,7 +46,16 @@ from rlhf.modeling import (
     lora_config,
 )
 from rlhf.sft_data import PackedCollator, pack_examples, tokenize_example
-from rlhf.training import RunArguments, check_output_dir, evaluate_and_save, resolve_resume, setup_logging, train_and_save
+from rlhf.training import (
+    RunArguments,
+    check_output_dir,
+    check_training_args,
+    evaluate_and_save,
+    reliable_trainer_class,
+    resolve_resume,
+    setup_logging,
+    train_and_save,
+)
 
 logger = logging.getLogger("rlhf")
 
@@ -54,13 +63,17 @@ logger = logging.getLogger("rlhf")
 @dataclass
 class FinetuneArguments:
     max_seq_length: int = field(default=512, metadata={"help": "Longest tokenized example (prompt + answer)."})
-    max_source_length: int = field(default=384, metadata={"help": "Longest prompt; longer prompts keep their end."})
+    max_source_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt (default 3/4 of --max_seq_length); longer keep their end."}
+    )
     train_on_inputs: bool = field(default=False, metadata={"help": "Also compute the loss on prompt tokens."})
     dataset_concatenation: bool = field(
         default=False, metadata={"help": "Pack examples into full --max_seq_length blocks (documents kept apart)."}
     )
 
     def check(self) -> None:
+        if self.max_source_length is None and self.max_seq_length > 0:
+            self.max_source_length = max(1, self.max_seq_length * 3 // 4)
         if self.max_seq_length <= 0 or self.max_source_length <= 0:
             raise UserError("--max_seq_length and --max_source_length must be positive")
         if self.max_source_length >= self.max_seq_length:
@@ -98,6 +111,7 @@ def main() -> None:
     data_args.check()
     ft_args.check()
     lora_args.check()
+    check_training_args(training_args)
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
@@ -144,10 +158,11 @@ def main() -> None:
             tokenizer, padding="max_length" if backend.is_gaudi else True,
             max_length=ft_args.max_seq_length if backend.is_gaudi else None, label_pad_token_id=-100,
         )
-    trainer = parsed.trainer_class(
+    trainer = reliable_trainer_class(parsed.trainer_class)(
         model=model, args=training_args, train_dataset=train_set if training_args.do_train else None,
         eval_dataset=eval_set, data_collator=collator, processing_class=tokenizer,
         **backend.trainer_kwargs(training_args),
+        skip_nonfinite_batches=run_args.skip_nonfinite_batches,
     )
     if training_args.do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)

@@ -219,6 +219,7 @@ def build_policy(args: ScriptArguments, backend, resume_dir: Path | None):
     model_path = check_model_path(args.model_name, "--model_name")
     dtype = backend.torch_dtype(bf16=args.bf16)
     base = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    torch.manual_seed(args.seed)  # LoRA and value-head initialisation: the same for the same --seed
     ref_model = None
     if args.peft == "lora":
         from peft import PeftModel, get_peft_model
@@ -308,9 +309,7 @@ def evaluate(trainer: PPOTrainer, tokenizer, prompts: list[str], args: ScriptArg
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(args.seed + 1234)  # same sampling noise before and after training
-    metrics, samples = trainer.evaluate(
-        prompts, prompt_ids=prompt_token_ids(tokenizer, prompts, args.input_max_length), return_samples=True
-    )
+    metrics, samples = trainer.evaluate(prompts, batch_size=args.batch_size, return_samples=True)
     torch.set_rng_state(generator_state)
     logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start, metrics)
     return {"metrics": metrics, "responses": [s["response"] for s in samples], "scores": [s["score"] for s in samples]}
@@ -362,7 +361,7 @@ def main() -> None:
                              normalize=args.normalize_reward, pad_to_max_length=static_shapes)
 
     policy = build_policy(args, backend, resume_dir)
-    backend.wrap_for_generation(policy.model) if hasattr(backend, "wrap_for_generation") else None
+    backend.wrap_for_generation(policy.model)
     accelerator = backend.make_accelerator() if dist.world_size > 1 or backend.is_gaudi else None
     generation = {"max_new_tokens": args.output_max_length, "do_sample": True, "temperature": args.temperature,
                   "top_k": args.top_k, "top_p": args.top_p}
@@ -402,8 +401,7 @@ def main() -> None:
         prompt_ids = prompt_token_ids(tokenizer, batch_prompts, args.input_max_length)
         responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
                                      batch_size=None if args.batched_gen else 1)
-        response_texts = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-        scores = trainer.score(batch_prompts, response_texts, trainer.ended_with_eos(responses))
+        scores = trainer.score(batch_prompts, trainer.decode_responses(responses), trainer.ended_with_eos(responses))
         if not torch.isfinite(scores).all():
             if not args.skip_nonfinite_rewards:
                 raise TrainingDiverged(f"reward is not finite at step {step + 1}; fix the reward model, "

@@ -1,0 +1,1120 @@
+"""PPO for causal language models (stage 3 of the pipeline), written here on purpose.
+
+Why our own: TRL removed its PPO in trl 1.13, and the last releases that had one either need a
+second full model copy for the value function (trl 1.12's ``experimental.ppo``, which also
+cannot resume) or are tied to old transformers (trl <= 0.11's ``generate()/step()`` API that the
+reference pipeline used). This module keeps that old, well-known API and algorithm (TRL 0.11's
+``PPOTrainer``; "The N Implementation Details of RLHF with PPO", Huang et al. 2022; Ziegler et
+al. 2019) in a few short, tested functions. It imports neither trl nor anything that differs
+between transformers 4.55 / peft 0.17 (Gaudi stack) and transformers 5 / peft 0.21 (main stack).
+
+Pieces (each a short function, unit-tested):
+    masked_mean / masked_var / masked_whiten        statistics over real (mask=1) entries only
+    logprobs_from_logits / entropy_from_logits      token log-probs and entropy from logits
+    truncate_after_eos                              cut sampled responses after the first EOS
+    compute_rewards                                 per-token KL penalty + score on the last token
+    compute_gae                                     generalised advantage estimation
+    AdaptiveKLController / FixedKLController        the KL coefficient beta
+    ppo_losses                                      clipped policy and value losses
+    ValueHead / PolicyWithValueHead                 one forward gives logits and values; the
+                                                    reference is the same model, adapter disabled
+    PPOConfig / PPOTrainer                          rollout (generate), score, step, checkpoints
+
+Typical loop (see ``rl_training.py``)::
+
+    policy = PolicyWithValueHead(get_peft_model(sft_model, lora_config))
+    trainer = PPOTrainer(PPOConfig(batch_size=16, mini_batch_size=4), policy, tokenizer, reward_fn,
+                         generation_kwargs={"max_new_tokens": 128, "top_p": 1.0})
+    for prompts in batches:                     # list[str] (or list of 1-D token id tensors)
+        stats = trainer.train_step(prompts)     # generate -> decode -> score -> step
+
+or, step by step (TRL 0.11 style)::
+
+    responses = trainer.generate(prompt_ids)                        # list of 1-D tensors
+    scores = trainer.score(prompt_texts, response_texts, ended_with_eos)
+    stats = trainer.step(prompt_ids, responses, scores)
+
+Layout of a batch: prompts are LEFT-padded to a common width P and responses RIGHT-padded to a
+width R, so response token t of every row sits in column P + t; the logits that predict it (and
+the value of the state before it) are in column P + t - 1. Position ids come from the attention
+mask (``cumsum - 1``), exactly as ``generate`` computes them, so padding never shifts positions.
+Masks always come from lengths/positions, never from comparing ids with the pad id (the pad id
+may equal the EOS id, as in SmolLM2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rlhf.errors import UserError
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1 (over all dims, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over masked entries; Bessel-corrected when ``unbiased`` (and n > 1)."""
+    count = mask.sum()
+    if count == 0:
+        raise ValueError("masked_var needs at least one entry with mask=1")
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased and count > 1:
+        var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise masked entries to mean 0 / variance 1 (mean kept if not ``shift_mean``).
+
+    Entries where ``mask`` is 0 are returned unchanged.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities, entropy, EOS handling
+# --------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution given by ``logits`` (last dim), float32."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def truncate_after_eos(
+    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first EOS; pad (and mask) what follows.
+
+    Returns ``(ids, mask, ended_with_eos)``: ``ids`` like ``response_ids`` with positions after
+    the first EOS set to ``pad_token_id``, ``mask`` (long, 1 = real token, built from positions,
+    so it is right even when the pad id equals the EOS id) and a bool per row telling whether
+    the response contains an EOS (i.e. finished rather than running out of tokens).
+    """
+    batch, width = response_ids.shape
+    is_eos = response_ids == eos_token_id
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.long().argmax(dim=1), torch.full_like(ended, width, dtype=torch.long))
+    positions = torch.arange(width, device=response_ids.device).expand(batch, width)
+    mask = (positions <= first_eos.unsqueeze(1)).long()
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_token_id))
+    return ids, mask, ended
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards and advantages (float32)
+# --------------------------------------------------------------------------------------------
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``-kl_coef * (logp - ref_logp)``, plus ``scores`` on each row's last real token.
+
+    Returns ``(rewards, non_score_reward, kl)``, all (batch, width) float32 and zero on padding.
+    """
+    mask = mask.float()
+    kl = (logprobs.float() - ref_logprobs.float()) * mask
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    positions = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
+    last = (mask * (positions + 1)).argmax(dim=1)  # index of the last 1 in each row
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += scores.float().to(rewards.device)
+    return rewards, non_score_reward, kl
+
+
+def compute_gae(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded responses.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (V beyond the last real token is 0) and
+    ``A_t = delta_t + gamma * lam * A_{t+1}``. Returns ``(advantages, returns)`` where
+    ``returns = A + V`` uses the raw advantages and ``advantages`` are then whitened over the
+    masked entries (``masked_whiten``). Both detached, float32.
+    """
+    mask = mask.float()
+    values = values.float() * mask
+    rewards = rewards.float() * mask
+    width = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(last_gae)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    returns = advantages + values
+    advantages = masked_whiten(advantages, mask)
+    return advantages.detach(), returns.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# KL controllers
+# --------------------------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2).
+
+    ``update(kl, n)``: ``e = clip(kl / target - 1, -0.2, 0.2)``; ``value *= 1 + e * n / horizon``.
+    ``kl`` is the mean per-sequence KL of the batch and ``n`` the number of samples it covered.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient; ``update`` does nothing."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_losses(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss + ``vf_coef`` x clipped value loss, averaged over masked tokens.
+
+    ``values`` are the current value predictions, ``old_values`` those of the rollout. Returns
+    ``(loss, stats)``; stats are detached scalars: ``loss/policy``, ``loss/value``, ``loss/total``,
+    ``policy/approxkl`` (0.5 * mean (log ratio)^2), ``policy/clipfrac``, ``policy/ratio_mean``,
+    ``value/clipfrac``, ``value/error`` (mean squared error of the values against the returns).
+    """
+    mask = mask.float()
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mask)
+    pg_clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), mask)
+
+    loss = pg_loss + vf_coef * vf_loss
+    stats = {
+        "loss/policy": pg_loss.detach(),
+        "loss/value": vf_loss.detach(),
+        "loss/total": loss.detach(),
+        "policy/approxkl": (0.5 * masked_mean(log_ratio.detach() ** 2, mask)),
+        "policy/clipfrac": pg_clipfrac.detach(),
+        "policy/ratio_mean": masked_mean(ratio.detach(), mask),
+        "value/clipfrac": vf_clipfrac.detach(),
+        "value/error": masked_mean((values.detach() - returns) ** 2, mask),
+    }
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Model wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is part of both stacks; tolerate its absence for full fine-tuning
+        return False
+    return isinstance(model, PeftModel)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (0 on left padding), as ``generate`` does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ValueHead(nn.Module):
+    """Scalar value per position from the last hidden state: ``Linear(dropout(h))`` in float32, zero-initialised."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.summary = nn.Linear(hidden_size, 1)
+        # Zero init: values start at 0, so early advantages are the plain rewards-to-go instead
+        # of being drowned in the noise of a random head (as in OpenAI's lm-human-preferences).
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.summary.weight.dtype)
+        return self.summary(self.dropout(hidden_states)).squeeze(-1)
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (plain or a peft ``PeftModel``) plus a ``ValueHead``.
+
+    ``forward`` returns ``(logits, values)`` from ONE pass of the LM (values from the last
+    hidden state). ``reference_logits`` gives the frozen reference policy's logits: the same
+    model with its LoRA adapter disabled when ``model`` is a ``PeftModel`` (no second copy),
+    otherwise the separate frozen ``ref_model`` (full fine-tuning). The reference model is
+    deliberately not a submodule: it is not trained, saved or wrapped by DDP.
+    """
+
+    def __init__(self, model: nn.Module, value_head: Optional[ValueHead] = None, ref_model: Optional[nn.Module] = None):
+        super().__init__()
+        self.model = model
+        if value_head is None:
+            config = model.config
+            hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+            value_head = ValueHead(hidden)
+            value_head.to(next(model.parameters()).device)
+        self.value_head = value_head
+        self.ref_model = ref_model
+
+    @property
+    def ref_model(self) -> Optional[nn.Module]:
+        return self._ref_holder[0]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "ref_model":  # keep it out of nn.Module's registry (parameters, state_dict, DDP)
+            if value is not None:
+                value.eval()
+                value.requires_grad_(False)
+            object.__setattr__(self, "_ref_holder", [value])
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def is_peft(self) -> bool:
+        return _is_peft_model(self.model)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
+        return out.logits, self.value_head(out.hidden_states[-1])
+
+    @torch.no_grad()
+    def reference_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self.is_peft:
+            with self.model.disable_adapter():
+                return self.model(**kwargs).logits
+        if self.ref_model is None:
+            raise UserError(
+                "full fine-tuning PPO needs a frozen reference model; pass ref_model=... or use LoRA (--peft lora)"
+            )
+        return self.ref_model(**kwargs).logits
+
+    def save_pretrained(self, output_dir: str, **kwargs) -> None:
+        """Save the model (only the adapter for a ``PeftModel``) and ``value_head.safetensors``."""
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir, **kwargs)
+        save_value_head(self.value_head, output_dir)
+
+
+def save_value_head(value_head: ValueHead, output_dir: str) -> str:
+    from safetensors.torch import save_file
+
+    path = os.path.join(output_dir, VALUE_HEAD_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, path)
+    return path
+
+
+def load_value_head(value_head: ValueHead, path: str) -> ValueHead:
+    """Load weights saved by ``save_value_head`` (``path`` is the file or its directory)."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(path):
+        path = os.path.join(path, VALUE_HEAD_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"no value head at {path}; point to a PPO checkpoint directory that has {VALUE_HEAD_FILE}")
+    value_head.load_state_dict(load_file(path, device=str(value_head.summary.weight.device)))
+    return value_head
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters (names and defaults as in TRL 0.11's ``PPOConfig``).
+
+    Batch semantics (TRL 0.11): each ``step`` takes ``batch_size`` rollouts (per process). They
+    are shuffled every PPO epoch and cut into minibatches of ``mini_batch_size``; gradients of
+    ``gradient_accumulation_steps`` minibatches are accumulated per optimizer step, so one
+    optimizer step sees ``backward_batch_size = mini_batch_size * gradient_accumulation_steps``
+    samples and ``batch_size`` must be a multiple of it. Per ``step`` there are
+    ``ppo_epochs * batch_size / backward_batch_size`` optimizer steps.
+
+    Rewards: ``score = reward - reward_baseline`` (minus ``missing_eos_penalty`` for responses
+    that never produced EOS; clipped to ``[-score_clip, score_clip]`` if set). The per-token KL
+    penalty starts at ``init_kl_coef`` and adapts toward ``target`` (nats per sequence) over
+    ``horizon`` samples when ``adap_kl_ctrl``. With ``early_stopping``, the epochs stop as soon
+    as a minibatch's approximate KL from the rollout policy exceeds ``1.5 * target_kl``; a
+    minibatch whose mean probability ratio exceeds ``ratio_threshold`` is skipped.
+
+    Static shapes (HPU graphs): ``pad_max_input_len`` left-pads every prompt batch to exactly
+    that many tokens; ``pad_responses_to_max_new_tokens`` right-pads every response batch to
+    ``max_new_tokens``; ``pad_to_multiple_of`` rounds both widths up (fewer distinct shapes).
+    """
+
+    batch_size: int = 16
+    mini_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 4
+    learning_rate: float = 1.41e-5
+    init_kl_coef: float = 0.2
+    adap_kl_ctrl: bool = True
+    target: float = 6.0
+    horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    early_stopping: bool = False
+    target_kl: float = 0.1
+    ratio_threshold: float = 10.0
+    max_grad_norm: Optional[float] = 1.0
+    whiten_rewards: bool = False
+    score_clip: Optional[float] = None
+    missing_eos_penalty: Optional[float] = None
+    reward_baseline: float = 0.0
+    seed: Optional[int] = 0
+    pad_max_input_len: Optional[int] = None
+    pad_responses_to_max_new_tokens: bool = False
+    pad_to_multiple_of: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"--{name} {value} is invalid; use an integer >= 1")
+        backward = self.mini_batch_size * self.gradient_accumulation_steps
+        need(
+            self.batch_size % backward == 0,
+            f"--batch_size {self.batch_size} is not a multiple of --mini_batch_size x --gradient_accumulation_steps "
+            f"= {self.mini_batch_size} x {self.gradient_accumulation_steps} = {backward}; "
+            f"use e.g. --batch_size {max(backward, self.batch_size // backward * backward)}",
+        )
+        for name in ("learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl",
+                     "ratio_threshold"):
+            value = getattr(self, name)
+            need(value > 0 and math.isfinite(value), f"--{name} {value} is invalid; use a positive number")
+        for name in ("init_kl_coef", "vf_coef"):
+            value = getattr(self, name)
+            need(value >= 0 and math.isfinite(value), f"--{name} {value} is invalid; use a number >= 0")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            need(0 <= value <= 1, f"--{name} {value} is out of range; use 0 <= {name} <= 1")
+        for name in ("max_grad_norm", "score_clip"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"--{name} {value} is invalid; use a positive number or leave it unset")
+        need(
+            self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+            f"--missing_eos_penalty {self.missing_eos_penalty} is negative; use a number >= 0 (it is subtracted)",
+        )
+        need(math.isfinite(self.reward_baseline), f"--reward_baseline {self.reward_baseline} is not a finite number")
+        for name in ("pad_max_input_len", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1),
+                 f"--{name} {value} is invalid; use an integer >= 1 or leave it unset")
+
+    @property
+    def backward_batch_size(self) -> int:
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+
+class LengthSampler:
+    """Draws a ``max_new_tokens`` uniformly from ``[min_value, max_value)`` (TRL's LengthSampler)."""
+
+    def __init__(self, min_value: int, max_value: int):
+        if not 1 <= min_value < max_value:
+            raise UserError(f"output length range [{min_value}, {max_value}) is empty; use 1 <= min < max")
+        self.values = list(range(min_value, max_value))
+
+    def __call__(self) -> int:
+        return int(np.random.choice(self.values))
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_GENERATION_KWARGS = {"max_new_tokens": 32, "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+PromptsLike = Union[Sequence[torch.Tensor], Sequence[Sequence[int]], torch.Tensor]
+
+
+def _no_op() -> None:
+    pass
+
+
+def _round_up(n: int, multiple: Optional[int]) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+class PPOTrainer:
+    """Rollout + PPO update for a ``PolicyWithValueHead``.
+
+    Args:
+        config: ``PPOConfig``.
+        policy: the trained model with its value head (LoRA via peft, or full fine-tuning with
+            ``ref_model``).
+        tokenizer: its tokenizer; ``eos_token_id`` required, ``pad_token_id`` defaults to EOS.
+        reward_fn: any ``callable(prompts: list[str], responses: list[str]) -> list[float] | Tensor``
+            (a rule, or a reward-model wrapper returning its raw logits); used by ``score``.
+        optimizer: defaults to ``torch.optim.Adam(trainable params, lr=config.learning_rate)``.
+        ref_model: frozen reference model, only for full fine-tuning (LoRA disables the adapter).
+        accelerator: ``accelerate.Accelerator`` or optimum-habana's ``GaudiAccelerator`` (created
+            with ``gradient_accumulation_steps=1``; the trainer accumulates itself). Given, the
+            trainer prepares policy and optimizer with it, uses its ``backward`` /
+            ``clip_grad_norm_`` and averages stats and early-stop decisions over processes.
+        generation_kwargs: for ``model.generate`` (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``...); defaults to ``DEFAULT_GENERATION_KWARGS``.
+        mark_step: called after each backward and optimizer step (HPU lazy mode); default no-op.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: PolicyWithValueHead,
+        tokenizer,
+        reward_fn: Callable[[list[str], list[str]], Any],
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        ref_model: Optional[nn.Module] = None,
+        accelerator=None,
+        generation_kwargs: Optional[dict] = None,
+        mark_step: Optional[Callable[[], None]] = None,
+    ):
+        self.config = config
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.accelerator = accelerator
+        self.mark_step = mark_step or _no_op
+        self.generation_kwargs = dict(DEFAULT_GENERATION_KWARGS if generation_kwargs is None else generation_kwargs)
+
+        self.eos_token_id = tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise UserError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before PPO")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+
+        if ref_model is not None:
+            policy.ref_model = ref_model
+        if not policy.is_peft and policy.ref_model is None:
+            raise UserError(
+                "full fine-tuning PPO needs a frozen reference model; pass ref_model=... or use LoRA (--peft lora)"
+            )
+
+        self.num_processes = 1
+        process_index = 0
+        if accelerator is not None:
+            if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+                raise UserError(
+                    "create the Accelerator with gradient_accumulation_steps=1; PPO accumulates over "
+                    "--gradient_accumulation_steps itself"
+                )
+            self.num_processes = accelerator.num_processes
+            process_index = accelerator.process_index
+        if config.seed is not None:
+            _set_seed(config.seed + process_index)
+        self._shuffle = torch.Generator().manual_seed(0 if config.seed is None else config.seed + process_index)
+
+        if optimizer is None:
+            params = [p for p in policy.parameters() if p.requires_grad]
+            if not params:
+                raise UserError("the policy has no trainable parameters; add a LoRA adapter or unfreeze the model")
+            optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        self.optimizer = optimizer
+        self.model: nn.Module = policy  # what the training forward runs through (DDP-wrapped if distributed)
+        if accelerator is not None:
+            self.model, self.optimizer = accelerator.prepare(policy, optimizer)
+            self.device = accelerator.device
+            if policy.ref_model is not None:
+                policy.ref_model.to(self.device)
+        else:
+            self.device = next(policy.parameters()).device
+
+        if config.adap_kl_ctrl:
+            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.init_kl_coef)
+        self.current_step = 0
+        self._pending: dict[str, float] = {}  # timings / raw score from generate() and score()
+
+    # ---------------------------------------------------------------- padding helpers
+
+    def _as_list(self, prompts: PromptsLike, attention_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Prompts as a list of 1-D long tensors without padding."""
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() == 1:
+                prompts = prompts.unsqueeze(0)
+            if attention_mask is None:
+                rows = list(prompts)
+            else:
+                rows = [row[m.bool()] for row, m in zip(prompts, attention_mask)]
+        else:
+            rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+        rows = [r.to(self.device, torch.long).reshape(-1) for r in rows]
+        if any(r.numel() == 0 for r in rows):
+            raise UserError("an empty prompt reached PPO; drop empty prompts from the dataset")
+        return rows
+
+    def _prompt_width(self, longest: int) -> int:
+        fixed = self.config.pad_max_input_len
+        if fixed is not None:
+            if longest > fixed:
+                raise UserError(
+                    f"a prompt has {longest} tokens, more than --pad_max_input_len {fixed}; "
+                    "raise --pad_max_input_len or truncate prompts"
+                )
+            return _round_up(fixed, self.config.pad_to_multiple_of)
+        return _round_up(longest, self.config.pad_to_multiple_of)
+
+    def _left_pad(self, rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            if row.numel():
+                ids[i, width - row.numel():] = row
+                mask[i, width - row.numel():] = 1
+        return ids, mask
+
+    def _right_pad(self, rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            ids[i, : row.numel()] = row
+            mask[i, : row.numel()] = 1
+        return ids, mask
+
+    def _response_width(self, longest: int) -> int:
+        if self.config.pad_responses_to_max_new_tokens:
+            longest = max(longest, int(self.generation_kwargs.get("max_new_tokens", longest)))
+        return _round_up(longest, self.config.pad_to_multiple_of)
+
+    # ---------------------------------------------------------------- rollout
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: PromptsLike,
+        attention_mask: Optional[torch.Tensor] = None,
+        length_sampler: Optional[Callable[[], int]] = None,
+        batch_size: Optional[int] = None,
+        **generation_kwargs,
+    ) -> list[torch.Tensor]:
+        """Sample one response per prompt (KV cache, left-padded prompts, model in eval mode).
+
+        ``prompts``: list of 1-D token id tensors/lists, or a padded 2-D tensor (pass its
+        ``attention_mask`` if it has padding). ``length_sampler`` draws ``max_new_tokens`` per
+        generation batch; ``batch_size`` splits the prompts into generation batches (None: all
+        at once). Extra kwargs override ``generation_kwargs``. Returns a list of 1-D tensors, each
+        cut right after its first EOS (EOS included), so a response ended iff its last id is EOS.
+        """
+        start = time.perf_counter()
+        rows = self._as_list(prompts, attention_mask)
+        kwargs = {**self.generation_kwargs, **generation_kwargs}
+        kwargs.setdefault("pad_token_id", self.pad_token_id)
+        kwargs.setdefault("eos_token_id", self.eos_token_id)
+        kwargs["use_cache"] = True
+        was_training = self.policy.training
+        self.policy.eval()
+        responses: list[torch.Tensor] = []
+        step = batch_size or len(rows)
+        try:
+            for i in range(0, len(rows), step):
+                chunk = rows[i : i + step]
+                if length_sampler is not None:
+                    kwargs["max_new_tokens"] = int(length_sampler())
+                width = self._prompt_width(max(r.numel() for r in chunk))
+                input_ids, mask = self._left_pad(chunk, width)
+                output = self.policy.model.generate(
+                    input_ids=input_ids, attention_mask=mask, **kwargs
+                )
+                if not isinstance(output, torch.Tensor):  # return_dict_in_generate=True
+                    output = output.sequences
+                ids, response_mask, _ = truncate_after_eos(output[:, width:], self.eos_token_id, self.pad_token_id)
+                lengths = response_mask.sum(1).tolist()
+                responses.extend(ids[j, : lengths[j]] for j in range(len(chunk)))
+        finally:
+            self.policy.train(was_training)
+            self.mark_step()
+        self._pending["time/generate_s"] = self._pending.get("time/generate_s", 0.0) + time.perf_counter() - start
+        return responses
+
+    def ended_with_eos(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Bool per response from ``generate``: True if it finished with EOS (not cut by length)."""
+        return torch.tensor([r.numel() > 0 and int(r[-1]) == self.eos_token_id for r in responses], dtype=torch.bool)
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        ended_with_eos: Optional[Sequence[bool] | torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``reward_fn(prompts, responses)`` minus ``reward_baseline``, minus ``missing_eos_penalty``
+        where ``ended_with_eos`` is False, clipped to ``score_clip``; float32 tensor (batch,)."""
+        start = time.perf_counter()
+        raw = self.reward_fn(list(prompts), list(responses))
+        raw = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
+        raw = raw.reshape(-1)
+        if raw.numel() != len(responses):
+            raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(responses)} responses")
+        if not torch.isfinite(raw).all():
+            raise ValueError("reward_fn returned a non-finite score")
+        scores = raw - self.config.reward_baseline
+        if self.config.missing_eos_penalty is not None and ended_with_eos is not None:
+            ended = torch.as_tensor(ended_with_eos, dtype=torch.bool).reshape(-1).cpu()
+            scores = torch.where(ended, scores, scores - self.config.missing_eos_penalty)
+        if self.config.score_clip is not None:
+            scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
+        self._pending["objective/raw_scores"] = raw.mean().item()
+        self._pending["time/score_s"] = self._pending.get("time/score_s", 0.0) + time.perf_counter() - start
+        return scores
+
+    def _prompts_and_texts(self, prompts: Union[list[str], PromptsLike]) -> tuple[list[torch.Tensor], list[str]]:
+        """Token ids and the prompt texts the reward function sees. Text prompts are passed to it
+        exactly as given (chat-template markers included, as the reward model was trained);
+        id prompts are decoded with special tokens kept."""
+        if len(prompts) and isinstance(prompts[0], str):
+            ids = [torch.tensor(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+            return ids, list(prompts)
+        ids = self._as_list(prompts)
+        return ids, self.tokenizer.batch_decode([p.tolist() for p in ids], skip_special_tokens=False)
+
+    def decode_responses(self, responses: Sequence[torch.Tensor]) -> list[str]:
+        return self.tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+
+    def train_step(self, prompts: Union[list[str], PromptsLike], **generate_kwargs) -> dict[str, float]:
+        """One PPO iteration: generate -> decode -> score -> ``step``. ``prompts``: texts (tokenized
+        as they are, no special tokens added: apply the chat template first) or token ids."""
+        prompt_ids, prompt_texts = self._prompts_and_texts(prompts)
+        responses = self.generate(prompt_ids, **generate_kwargs)
+        scores = self.score(prompt_texts, self.decode_responses(responses), self.ended_with_eos(responses))
+        return self.step(prompt_ids, responses, scores)
+
+    # ---------------------------------------------------------------- PPO step
+
+    def _build_batch(self, prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> dict[str, Any]:
+        """Concatenate left-padded prompts (width P) and right-padded responses (width R)."""
+        width_p = self._prompt_width(max(p.numel() for p in prompts))
+        width_r = self._response_width(max(r.numel() for r in responses))
+        prompt_ids, prompt_mask = self._left_pad(prompts, width_p)
+        response_ids, response_mask = self._right_pad(responses, width_r)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        return {
+            "input_ids": torch.cat([prompt_ids, response_ids], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask),
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "prompt_width": width_p,
+        }
+
+    @staticmethod
+    def _response_slice(tensor: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        """Columns whose outputs predict response tokens 0..R-1 (and the values of those states)."""
+        return tensor[:, prompt_width - 1 : -1]
+
+    @torch.no_grad()
+    def _rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Old log-probs, values, reference log-probs and entropies, in eval mode (no dropout)."""
+        was_training = self.policy.training
+        self.policy.eval()
+        p = batch["prompt_width"]
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+        try:
+            for i in range(0, batch["input_ids"].shape[0], self.config.mini_batch_size):
+                sl = slice(i, i + self.config.mini_batch_size)
+                args = (batch["input_ids"][sl], batch["attention_mask"][sl], batch["position_ids"][sl])
+                logits, values = self.policy(*args)
+                logits = self._response_slice(logits, p)
+                labels = batch["response_ids"][sl]
+                parts["logprobs"].append(logprobs_from_logits(logits, labels))
+                parts["entropy"].append(entropy_from_logits(logits))
+                parts["values"].append(self._response_slice(values, p).float())
+                ref_logits = self._response_slice(self.policy.reference_logits(*args), p)
+                parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
+        finally:
+            self.policy.train(was_training)
+            self.mark_step()
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean of each value over processes (no-op for one process)."""
+        if self.accelerator is None or self.num_processes == 1 or not values:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float32, device=self.device)
+        tensor = self.accelerator.reduce(tensor, reduction="mean")
+        return dict(zip(keys, tensor.tolist()))
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+        self.mark_step()
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        if self.accelerator is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.mark_step()
+        return float(grad_norm)
+
+    def step(
+        self,
+        prompt_ids: PromptsLike,
+        response_ids: Sequence[torch.Tensor],
+        scores: Union[Sequence[float], torch.Tensor],
+    ) -> dict[str, float]:
+        """One PPO optimisation step on ``batch_size`` rollouts; returns stats (see ``STAT_KEYS``).
+
+        ``prompt_ids``: unpadded 1-D prompt tensors; ``response_ids``: responses as returned by
+        ``generate`` (unpadded, cut after EOS); ``scores``: one float per rollout (from ``score``).
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        prompts = self._as_list(prompt_ids)
+        responses = [torch.as_tensor(r, dtype=torch.long).to(self.device).reshape(-1) for r in response_ids]
+        scores = torch.as_tensor(
+            scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=torch.float32
+        ).reshape(-1).to(self.device)
+        if not len(prompts) == len(responses) == scores.numel() == cfg.batch_size:
+            raise ValueError(
+                f"step needs batch_size={cfg.batch_size} prompts, responses and scores; got "
+                f"{len(prompts)}, {len(responses)}, {scores.numel()}"
+            )
+        if any(r.numel() == 0 for r in responses):
+            raise ValueError("step got an empty response; every response needs at least one token")
+
+        # 1. Rollout forward (no grad, eval mode): old log-probs, values, reference log-probs.
+        batch = self._build_batch(prompts, responses)
+        rollout = self._rollout_forward(batch)
+        mask = batch["response_mask"].float()
+        forward_s = time.perf_counter() - start
+
+        # 2. Rewards and advantages, float32.
+        kl_coef = self.kl_ctl.value
+        rewards, non_score_reward, kl = compute_rewards(
+            scores, rollout["logprobs"], rollout["ref_logprobs"], mask, kl_coef
+        )
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rollout["values"], rewards, mask, cfg.gamma, cfg.lam)
+
+        # 3. PPO epochs over shuffled minibatches with gradient accumulation.
+        update_start = time.perf_counter()
+        mb_stats: list[dict[str, float]] = []
+        grad_norms: list[float] = []
+        skipped, early_stopped = 0, False
+        self.policy.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        p = batch["prompt_width"]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, generator=self._shuffle).to(self.device)
+            for b in range(0, cfg.batch_size, cfg.backward_batch_size):
+                did_backward = False
+                for m in range(b, b + cfg.backward_batch_size, cfg.mini_batch_size):
+                    idx = order[m : m + cfg.mini_batch_size]
+                    logits, values = self.model(
+                        batch["input_ids"][idx], batch["attention_mask"][idx], batch["position_ids"][idx]
+                    )
+                    logits = self._response_slice(logits, p)
+                    new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
+                    loss, stats = ppo_losses(
+                        new_logprobs, rollout["logprobs"][idx], advantages[idx],
+                        self._response_slice(values, p).float(), rollout["values"][idx], returns[idx], mask[idx],
+                        cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
+                    )
+                    stats = {k: v.item() for k, v in stats.items()}
+                    stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx]).item()
+                    decide = self._reduce({k: stats[k] for k in ("policy/approxkl", "policy/ratio_mean")})
+                    mb_stats.append(stats)
+                    if cfg.early_stopping and decide["policy/approxkl"] > 1.5 * cfg.target_kl:
+                        early_stopped = True  # stop before pushing the policy further away
+                        break
+                    if not decide["policy/ratio_mean"] <= cfg.ratio_threshold:  # also catches NaN
+                        skipped += 1
+                        continue
+                    self._backward(loss / cfg.gradient_accumulation_steps)
+                    did_backward = True
+                if early_stopped:
+                    self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
+                    break
+                if did_backward:
+                    grad_norms.append(self._optimizer_step())
+            if early_stopped:
+                break
+        update_s = time.perf_counter() - update_start
+
+        # 4. Stats (averaged over processes), then the KL controller update.
+        lengths = mask.sum(1)
+        kl_per_seq = kl.sum(1)
+        non_score_per_seq = non_score_reward.sum(1)
+        ended = torch.tensor([int(r[-1]) == self.eos_token_id for r in responses], dtype=torch.float32)
+        stats: dict[str, float] = {
+            "objective/scores": scores.mean().item(),
+            "objective/raw_scores": self._pending.pop("objective/raw_scores", scores.mean().item()),
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean().item(),
+            "objective/token_entropy": masked_mean(rollout["entropy"], mask).item(),
+            "objective/non_score_reward": non_score_per_seq.mean().item(),
+            "objective/rlhf_reward": (scores + non_score_per_seq).mean().item(),
+            "value/mean": masked_mean(rollout["values"], mask).item(),
+            "returns/mean": masked_mean(returns, mask).item(),
+            "response/length": lengths.mean().item(),
+            "response/ended_with_eos": ended.mean().item(),
+            "ppo/early_stopped": float(early_stopped),
+            "ppo/skipped_minibatches": float(skipped),
+            "ppo/minibatches": float(len(mb_stats)),
+            "ppo/optimizer_steps": float(len(grad_norms)),
+            "ppo/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        for key in mb_stats[0]:
+            stats[key] = float(np.mean([s[key] for s in mb_stats]))
+        stats = self._reduce(stats)
+        stats["objective/kl_coef"] = kl_coef
+        self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.num_processes)
+        self.current_step += 1
+
+        generate_s = self._pending.pop("time/generate_s", 0.0)
+        score_s = self._pending.pop("time/score_s", 0.0)
+        stats.update({
+            "time/generate_s": generate_s,
+            "time/score_s": score_s,
+            "time/forward_s": forward_s,
+            "time/update_s": update_s,
+            "time/step_s": generate_s + score_s + time.perf_counter() - start,
+        })
+        return stats
+
+    # ---------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, prompts: Union[list[str], PromptsLike], batch_size: Optional[int] = None,
+                 return_samples: bool = False, **generate_kwargs):
+        """Mean score and mean per-sequence KL to the reference on held-out prompts, no update.
+
+        Samples with the current generation settings (uses the global RNG). Keys: ``eval/scores``
+        (after baseline/penalty/clip), ``eval/raw_scores``, ``eval/kl``, ``eval/response_length``.
+        With ``return_samples`` returns ``(metrics, samples)``, samples being this process's
+        ``{"prompt", "response", "score", "kl"}`` dicts.
+        """
+        prompt_ids, prompt_texts = self._prompts_and_texts(prompts)
+        size = batch_size or self.config.batch_size
+        totals = {"eval/scores": 0.0, "eval/raw_scores": 0.0, "eval/kl": 0.0, "eval/response_length": 0.0}
+        samples: list[dict] = []
+        pending = dict(self._pending)
+        for i in range(0, len(prompt_ids), size):
+            chunk = [p.to(self.device) for p in prompt_ids[i : i + size]]
+            responses = self.generate(chunk, **generate_kwargs)
+            texts_r = self.decode_responses(responses)
+            scores = self.score(prompt_texts[i : i + size], texts_r, self.ended_with_eos(responses))
+            batch = self._build_batch(chunk, responses)
+            rollout = self._rollout_forward(batch)
+            mask = batch["response_mask"].float()
+            kl = ((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1)
+            totals["eval/scores"] += scores.sum().item()
+            totals["eval/raw_scores"] += self._pending["objective/raw_scores"] * len(chunk)
+            totals["eval/kl"] += kl.sum().item()
+            totals["eval/response_length"] += mask.sum().item()
+            samples += [
+                {"prompt": p, "response": r, "score": float(sc), "kl": float(k)}
+                for p, r, sc, k in zip(prompt_texts[i : i + size], texts_r, scores.tolist(), kl.tolist())
+            ]
+        self._pending = pending  # evaluation time is not training time
+        metrics = self._reduce({k: v / max(len(prompt_ids), 1) for k, v in totals.items()})
+        return (metrics, samples) if return_samples else metrics
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Optimizer, KL controller, step counter and RNG states (python, numpy, torch, shuffle).
+
+        Holds only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it.
+        Model weights (adapter + value head) are saved separately: ``policy.save_pretrained``.
+        """
+        np_state = np.random.get_state()
+        rng = {
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *[_plain(x) for x in np_state[2:]]],
+            "torch": torch.get_rng_state(),
+            "shuffle": self._shuffle.get_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.current_step,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "config": asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved (after loading the model weights)."""
+        self.current_step = int(state["step"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        random.setstate(_as_tuple(rng["python"]))
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        self._shuffle.set_state(rng["shuffle"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+STAT_KEYS = {
+    "objective/scores": "mean score given to PPO (reward - reward_baseline, EOS penalty, clip)",
+    "objective/raw_scores": "mean reward_fn output before baseline/penalty/clip (= scores if score() was not used)",
+    "objective/kl": "mean over sequences of sum_t (logp - ref_logp) on the rollout (before the update)",
+    "objective/kl_coef": "KL coefficient beta used for this batch's rewards (before the controller update)",
+    "objective/entropy": "mean over sequences of sum_t -logp(sampled token) (TRL's definition)",
+    "objective/token_entropy": "mean per-token entropy of the rollout policy's full distribution",
+    "objective/non_score_reward": "mean over sequences of sum_t -beta * (logp - ref_logp)",
+    "objective/rlhf_reward": "objective/scores + objective/non_score_reward",
+    "value/mean": "mean value prediction on the rollout",
+    "returns/mean": "mean GAE return (advantage + value)",
+    "response/length": "mean response length in tokens (EOS included)",
+    "response/ended_with_eos": "fraction of responses that produced EOS",
+    "policy/approxkl": "mean over minibatches of 0.5 * mean (new_logp - old_logp)^2",
+    "policy/clipfrac": "fraction of tokens where the policy ratio was clipped",
+    "policy/ratio_mean": "mean probability ratio new/old",
+    "policy/entropy": "mean per-token entropy of the policy during the update",
+    "loss/policy": "clipped policy-gradient loss",
+    "loss/value": "clipped value loss (0.5 * squared error)",
+    "loss/total": "loss/policy + vf_coef * loss/value",
+    "value/clipfrac": "fraction of tokens where the value clip was active",
+    "value/error": "mean squared error of value predictions against returns",
+    "ppo/early_stopped": "1.0 if the epochs stopped early (approxkl > 1.5 * target_kl)",
+    "ppo/skipped_minibatches": "minibatches skipped because their mean ratio exceeded ratio_threshold",
+    "ppo/minibatches": "minibatches evaluated (loss stats average over these)",
+    "ppo/optimizer_steps": "optimizer steps taken",
+    "ppo/grad_norm": "mean gradient norm before clipping",
+    "ppo/learning_rate": "learning rate of the first parameter group",
+    "time/generate_s": "seconds in generate() since the last step",
+    "time/score_s": "seconds in score() since the last step",
+    "time/forward_s": "seconds for the rollout forward (old logprobs, values, reference)",
+    "time/update_s": "seconds for the PPO epochs",
+    "time/step_s": "generate + score + the whole step",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else x
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
