@@ -13,10 +13,20 @@ variables:
 ``transformers.Trainer``, accelerate and ``torch.distributed.init_process_group`` (``env://``)
 initialise from them. Call it first thing in a stage script's ``main()``, before building
 ``TrainingArguments``. It imports neither torch nor optimum.
+
+In a process of a multi-process job (world size > 1, read from ``os.environ``) it also:
+
+* registers an exit hook that destroys the ``torch.distributed`` process group, if one was
+  initialised. A gloo process group left alive at interpreter exit can abort the process
+  ("terminate called without an active exception", exit 134 under ``mpirun``) when its peer
+  is still running, e.g. while rank 0 alone writes the final model;
+* on ranks other than 0, turns off the ``datasets`` progress bars, so that only rank 0 shows
+  progress (the Trainer and ``rl_training.py`` already keep other ranks' logs at warning level).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -152,11 +162,46 @@ def setup_distributed_env(env: MutableMapping[str, str] | None = None) -> DistIn
     Variables that are already set are never overwritten. Returns this process's ``DistInfo``.
     A single process (no launcher) gets rank 0 of 1 and nothing is exported.
     """
+    own_process = env is None
     env = os.environ if env is None else env
     info, exports = dist_info_from_env(env)
     for name, value in exports.items():
         env[name] = value
+    if own_process and info.is_distributed:
+        _register_exit_hook()
+        if not info.is_main_process:
+            _quiet_replica_progress_bars()
     return info
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(destroy_process_group)
+        _exit_hook_registered = True
+
+
+def destroy_process_group() -> None:
+    """Destroy the ``torch.distributed`` process group if one is initialised (no barrier: a rank
+    that stops early must not wait for the others; their next collective then fails instead of
+    hanging until the timeout)."""
+    dist = _process_group()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def _quiet_replica_progress_bars() -> None:
+    env_flag = "HF_DATASETS_DISABLE_PROGRESS_BARS"
+    os.environ.setdefault(env_flag, "1")  # read by datasets when it is imported later
+    for module_name, function in (("datasets.utils.tqdm", "disable_progress_bars"),
+                                  ("datasets.utils.logging", "disable_progress_bar")):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, function):
+            getattr(module, function)()
+            return
 
 
 def _process_group():

@@ -12,6 +12,7 @@ ALL_VARS = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
     "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "PMI_LOCAL_RANK", "PMI_LOCAL_SIZE",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS",  # set by setup_distributed_env() on ranks other than 0
 )
 
 
@@ -19,7 +20,12 @@ ALL_VARS = (
 def env(monkeypatch):
     """A clean launcher environment in os.environ; returns a setter."""
     for name in ALL_VARS:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first: monkeypatch then removes the variable again after the test, also when the code
+        # under test set it (delenv of an absent variable records nothing, so RANK/WORLD_SIZE exported by
+        # setup_distributed_env() leaked into later tests, whose TrainingArguments then waited forever
+        # for 8 ranks)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def set_vars(**values: str) -> None:
         for name, value in values.items():
@@ -107,3 +113,16 @@ def test_pure_reader_changes_nothing():
     assert fake == {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
     setup_distributed_env(fake)  # an explicit mapping is updated instead of os.environ
     assert fake["RANK"] == "1" and fake["MASTER_PORT"] == "29500"
+
+
+def test_exit_hook_registered_once_for_a_multi_process_job(env, monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed, "_exit_hook_registered", False)
+    monkeypatch.setattr(distributed.atexit, "register", calls.append)
+    setup_distributed_env()  # one process: no hook
+    assert calls == []
+    env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    setup_distributed_env()
+    setup_distributed_env()
+    assert calls == [distributed.destroy_process_group]
+    distributed.destroy_process_group()  # no process group initialised: nothing to do, no error
