@@ -136,6 +136,9 @@ def main() -> None:
             eval_set = tokenize_split(eval_text, tokenizer, ft_args, template, data_args.preprocessing_num_workers)
     logger.info("Data: %s format, %d training %s", fmt, len(train_set), "blocks" if ft_args.dataset_concatenation else "examples")
 
+    from transformers import set_seed
+
+    set_seed(training_args.seed)  # the LoRA initialisation: the same adapter for the same --seed (and on resume)
     model = load_causal_lm(
         model_path, dtype=backend.torch_dtype(training_args.bf16, training_args.fp16),
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,

@@ -67,7 +67,16 @@ from rlhf.reward import (
     save_reward_model,
     tokenize_pairs,
 )
-from rlhf.training import RunArguments, check_output_dir, evaluate_and_save, resolve_resume, setup_logging, train_and_save
+from rlhf.training import (
+    RunArguments,
+    check_output_dir,
+    check_training_args,
+    evaluate_and_save,
+    reliable_trainer_class,
+    resolve_resume,
+    setup_logging,
+    train_and_save,
+)
 
 logger = logging.getLogger("rlhf")
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
@@ -120,6 +129,7 @@ def main() -> None:
     data_args.check(default_dataset=DEFAULT_DATASET)
     rm_args.check()
     lora_args.check()
+    check_training_args(training_args)
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     do_train = not rm_args.eval_only
     resume = resolve_resume(training_args) if do_train else None
@@ -175,11 +185,12 @@ def main() -> None:
     trainable, total = count_parameters(model)
     logger.info("Parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    trainer_class = make_reward_trainer_class(parsed.trainer_class)
+    trainer_class = reliable_trainer_class(make_reward_trainer_class(parsed.trainer_class))
     trainer = trainer_class(
         model=model, args=training_args, train_dataset=train_set if do_train else None, eval_dataset=eval_set,
         data_collator=RewardPairCollator(tokenizer, pad_to=rm_args.max_length if backend.is_gaudi else None),
         processing_class=tokenizer, compute_metrics=reward_metrics, **backend.trainer_kwargs(training_args),
+        skip_nonfinite_batches=run_args.skip_nonfinite_batches,
     )
     if do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)

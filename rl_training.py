@@ -48,7 +48,7 @@ from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, lates
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
-from rlhf.modeling import check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
 from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
 from rlhf.reward import RewardScorer
@@ -191,13 +191,23 @@ def load_prompts(data_args: DataArguments, args: ScriptArguments, tokenizer, wor
         held_out = [prompts[i] for i in shuffled[:cut]]
         prompts = [prompts[i] for i in sorted(shuffled[cut:])]
     held_out = held_out[: args.eval_samples]
-    prompts = prompts[rank::world]
+    # The same number of prompts on every rank (drop at most world - 1): the ranks' step counts must
+    # agree, or the one with more steps waits forever in a collective the others never join.
+    prompts = prompts[: len(prompts) - len(prompts) % world][rank::world]
     if len(prompts) < args.batch_size:
         raise UserError(
             f"{train_source}: {len(prompts)} prompts per process, fewer than --batch_size {args.batch_size}; "
             "lower --batch_size or give more data"
         )
     return prompts, held_out
+
+
+def all_ranks_agree(flag: bool, accelerator) -> bool:
+    """True if ``flag`` is true on every process, so all ranks take the same branch (one process: ``flag``)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    failed = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return accelerator.reduce(failed, reduction="sum").item() == 0
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], max_length: int) -> list[torch.Tensor]:
@@ -246,6 +256,17 @@ def build_policy(args: ScriptArguments, backend, resume_dir: Path | None):
     if ref_model is not None:
         ref_model.to(device)
     return PolicyWithValueHead(model, value_head, ref_model=ref_model)
+
+
+def check_reward_model_config(reward_path: str, trust_remote_code: bool) -> None:
+    """A reward model is a one-output sequence classifier; refuse anything else before loading it."""
+    config = load_config(reward_path, "--reward_model_name", trust_remote_code=trust_remote_code)
+    architectures = config.architectures or []
+    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(
+            f"--reward_model_name {reward_path} is a {'/'.join(architectures) or 'model'} with {config.num_labels} "
+            "outputs; a reward model must be a one-output sequence classifier (train it with reward_modeling.py)"
+        )
 
 
 def make_optimizer(policy, args: ScriptArguments):
@@ -350,11 +371,9 @@ def main() -> None:
     total_steps = min(args.steps, steps_per_epoch * args.num_train_epochs)
 
     reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
+    check_reward_model_config(reward_path, args.trust_remote_code)
     reward_tokenizer = load_tokenizer(reward_path, trust_remote_code=args.trust_remote_code)
     reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=backend.torch_dtype(bf16=args.bf16))
-    if reward_model.config.num_labels != 1:
-        raise UserError(f"--reward_model_name {reward_path} has {reward_model.config.num_labels} outputs; "
-                        "a reward model must be a one-output sequence classifier (train it with reward_modeling.py)")
     reward_model.to(torch.device(backend.device)).requires_grad_(False)
     reward_fn = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
                              max_length=args.pad_max_len or args.input_max_length + args.output_max_length,
@@ -395,39 +414,43 @@ def main() -> None:
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not is_main, dynamic_ncols=True)
     step = start_step
-    while step < total_steps:
-        indices = batch_for_step(len(prompts), args.batch_size, step, args.seed)
-        batch_prompts = [prompts[i] for i in indices]
-        prompt_ids = prompt_token_ids(tokenizer, batch_prompts, args.input_max_length)
-        responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
-                                     batch_size=None if args.batched_gen else 1)
-        scores = trainer.score(batch_prompts, trainer.decode_responses(responses), trainer.ended_with_eos(responses))
-        if not torch.isfinite(scores).all():
-            if not args.skip_nonfinite_rewards:
-                raise TrainingDiverged(f"reward is not finite at step {step + 1}; fix the reward model, "
-                                       "or pass --skip_nonfinite_rewards to skip such batches")
-            logger.warning("Skipping step %d: non-finite reward", step + 1)
+    try:
+        while step < total_steps:
+            indices = batch_for_step(len(prompts), args.batch_size, step, args.seed)
+            batch_prompts = [prompts[i] for i in indices]
+            prompt_ids = prompt_token_ids(tokenizer, batch_prompts, args.input_max_length)
+            responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
+                                         batch_size=None if args.batched_gen else 1)
+            scores = trainer.score(batch_prompts, trainer.decode_responses(responses), trainer.ended_with_eos(responses))
+            if not all_ranks_agree(bool(torch.isfinite(scores).all()), accelerator):
+                if not args.skip_nonfinite_rewards:
+                    raise TrainingDiverged(f"reward is not finite at step {step + 1}; fix the reward model, "
+                                           "or pass --skip_nonfinite_rewards to skip such batches")
+                logger.warning("Skipping step %d: non-finite reward", step + 1)
+                step += 1
+                bar.update(1)
+                continue
+            stats = trainer.step(prompt_ids, responses, scores)
             step += 1
-            bar.update(1)
-            continue
-        stats = trainer.step(prompt_ids, responses, scores)
-        step += 1
-        check_finite(stats, step)
-        if is_main:
-            metrics_log.append({"step": step, **stats})
-            if tracker is not None:
-                tracker.log(stats, step=step)
-        bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        bar.update(1)
-        if is_main and args.save_freq and step % args.save_freq == 0:
-            save_checkpoint(trainer, args.output_dir, step, args)
-        if stop.signal_number is not None:
+            check_finite(stats, step)
             if is_main:
-                saved = save_checkpoint(trainer, args.output_dir, step, args)
-                raise Interrupted(f"checkpoint {saved} written at step {step}; resume with the same command "
-                                  "plus --resume_from_checkpoint", 128 + stop.signal_number)
-            raise Interrupted("stopped by signal", 128 + stop.signal_number)
-    bar.close()
+                metrics_log.append({"step": step, **stats})
+                if tracker is not None:
+                    tracker.log(stats, step=step)
+            bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            bar.update(1)
+            if is_main and args.save_freq and step % args.save_freq == 0:
+                save_checkpoint(trainer, args.output_dir, step, args)
+            # Every rank stops after the same step, even if the signal reached them a step apart.
+            if not all_ranks_agree(stop.signal_number is None, accelerator):
+                code = 128 + (stop.signal_number or signal.SIGTERM)
+                if is_main:
+                    saved = save_checkpoint(trainer, args.output_dir, step, args)
+                    raise Interrupted(f"checkpoint {saved} written at step {step}; resume with the same command "
+                                      "plus --resume_from_checkpoint", code)
+                raise Interrupted("stopped by signal", code)
+    finally:
+        bar.close()  # before any one-line exit message, so it is not glued to the bar
 
     after = evaluate(trainer, tokenizer, held_out, args, "after PPO")
     if not is_main:

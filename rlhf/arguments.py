@@ -141,6 +141,28 @@ def parse_backend(argv: list[str]) -> BackendArguments:
     return backend_args
 
 
+def check_deepspeed_flag(argv: list[str]) -> None:
+    """``--deepspeed CONFIG``: refuse a missing file or a missing DeepSpeed with one line.
+
+    (TrainingArguments would raise a traceback from its ``__post_init__`` instead.)"""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--deepspeed="):
+            value = arg.split("=", 1)[1]
+    if value is None or value.strip().lower() in ("", "none"):
+        return
+    if not value.lstrip().startswith("{") and not Path(value).is_file():
+        raise UserError(f"--deepspeed {value}: no such file; give a DeepSpeed JSON config such as "
+                        "configs/deepspeed/zero2.json")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs DeepSpeed, which is not installed; pip install deepspeed (CUDA; on Gaudi "
+                        "Habana's fork), or drop --deepspeed to train with plain data parallelism")
+
+
 def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv: list[str]) -> ParsedArgs:
     """Parse ``argv`` into ``arg_types`` (+ the backend's TrainingArguments when asked)."""
     argv = normalise_argv(argv)
@@ -160,6 +182,8 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
         if backend.is_gaudi and "use_habana" in training_fields:
             argv = [*argv, "--use_habana", "true", "--use_lazy_mode", str(backend.use_lazy_mode).lower()]
         types.append(training_args_class)
+        if not wants_help:
+            check_deepspeed_flag(argv)
     parse_types = [
         without_fields(t, field_names(t) & training_fields) if i < len(types) - with_training_args else t
         for i, t in enumerate(types)

@@ -1,8 +1,10 @@
 """Atomic checkpoint directories and the per-step metrics log.
 
-A checkpoint is written into a temporary sibling directory and renamed into place only when
-complete, with a ``COMPLETE`` marker inside, so a kill during a save leaves the previous
-checkpoint intact, and resume never picks a half-written one.
+A checkpoint is complete only when its ``COMPLETE`` marker exists, written after everything else.
+PPO writes into a temporary sibling directory renamed into place (``atomic_directory``); the
+Trainer-based stages save in place and add the marker afterwards (``rlhf.training``). Either way a
+kill during a save leaves the previous checkpoint intact (older ones are pruned only after the new
+one is complete), and resume never picks a half-written one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     temporary.mkdir(parents=True)
     try:
         yield temporary
-        (temporary / COMPLETE_MARKER).write_text("ok\n")
+        mark_complete(temporary)
         if final.exists():
             retired = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(retired)
@@ -44,6 +46,15 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def mark_complete(checkpoint: str | Path) -> None:
+    """Write the ``COMPLETE`` marker (the checkpoint's other files must already be written)."""
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    with marker.open("w") as handle:
+        handle.write("ok\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def is_complete(checkpoint: str | Path) -> bool:
@@ -70,17 +81,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
-    """Keep the newest ``keep`` complete checkpoints (our own checkpoint-* folders only)."""
+def prune_checkpoints(output_dir: str | Path, keep: int | None, protect: tuple = ()) -> None:
+    """Keep the newest ``keep`` complete checkpoints (our own checkpoint-* folders only), and any in
+    ``protect`` (e.g. the Trainer's best model). Incomplete ones are left alone: resume skips them and
+    the next save of the same step completes them."""
     if not keep or keep <= 0:
         return
     folder = Path(output_dir)
+    kept = {Path(p).resolve() for p in protect if p}
     found = sorted(
         (p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and is_complete(p)),
         key=checkpoint_step,
     )
     for old in found[:-keep]:
-        shutil.rmtree(old)
+        if old.resolve() not in kept:
+            shutil.rmtree(old)
 
 
 class MetricsLog:

@@ -298,6 +298,25 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict:
+    """``{"logits_to_keep": n}`` when ``model``'s forward takes it (transformers causal LMs since 4.50),
+    else ``{}`` (callers then slice the full logits)."""
+    if not logits_to_keep:
+        return {}
+    import inspect
+
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP and similar wrappers
+        inner = inner.module
+    if _is_peft_model(inner):
+        inner = inner.get_base_model()
+    try:
+        accepted = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        accepted = False
+    return {"logits_to_keep": logits_to_keep} if accepted else {}
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only (0 on left padding), as ``generate`` does."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -359,8 +378,11 @@ class PolicyWithValueHead(nn.Module):
         return _is_peft_model(self.model)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, values)`` for every position, or for the last ``logits_to_keep`` positions only (> 0):
+        then the LM head runs on those positions alone (no vocabulary-sized work for prompt tokens)."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         out = self.model(
@@ -370,24 +392,33 @@ class PolicyWithValueHead(nn.Module):
             output_hidden_states=True,
             use_cache=False,
             return_dict=True,
+            **_keep_kwargs(self.model, logits_to_keep),
         )
-        return out.logits, self.value_head(out.hidden_states[-1])
+        hidden = out.hidden_states[-1]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+            return out.logits[:, -logits_to_keep:], self.value_head(hidden)
+        return out.logits, self.value_head(hidden)
 
     @torch.no_grad()
     def reference_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
+        """The reference policy's logits (all positions, or the last ``logits_to_keep``)."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if self.is_peft:
             with self.model.disable_adapter():
-                return self.model(**kwargs).logits
-        if self.ref_model is None:
+                logits = self.model(**kwargs, **_keep_kwargs(self.model, logits_to_keep)).logits
+        elif self.ref_model is None:
             raise UserError(
                 "full fine-tuning PPO needs a frozen reference model; pass ref_model=... or use LoRA (--peft lora)"
             )
-        return self.ref_model(**kwargs).logits
+        else:
+            logits = self.ref_model(**kwargs, **_keep_kwargs(self.ref_model, logits_to_keep)).logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def save_pretrained(self, output_dir: str, **kwargs) -> None:
         """Save the model (only the adapter for a ``PeftModel``) and ``value_head.safetensors``."""
@@ -750,8 +781,6 @@ class PPOTrainer:
         raw = raw.reshape(-1)
         if raw.numel() != len(responses):
             raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(responses)} responses")
-        if not torch.isfinite(raw).all():
-            raise ValueError("reward_fn returned a non-finite score")
         scores = raw - self.config.reward_baseline
         if self.config.missing_eos_penalty is not None and ended_with_eos is not None:
             ended = torch.as_tensor(ended_with_eos, dtype=torch.bool).reshape(-1).cpu()
@@ -802,28 +831,34 @@ class PPOTrainer:
         }
 
     @staticmethod
-    def _response_slice(tensor: torch.Tensor, prompt_width: int) -> torch.Tensor:
-        """Columns whose outputs predict response tokens 0..R-1 (and the values of those states)."""
-        return tensor[:, prompt_width - 1 : -1]
+    def _response_slice(tensor: torch.Tensor, response_width: int) -> torch.Tensor:
+        """Columns whose outputs predict response tokens 0..R-1 (and the values of those states).
+
+        They are the last R + 1 columns but the very last, so this works on full-width outputs and on
+        outputs computed for the last R + 1 positions only (``logits_to_keep``).
+        """
+        return tensor[:, -(response_width + 1) : -1]
 
     @torch.no_grad()
     def _rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Old log-probs, values, reference log-probs and entropies, in eval mode (no dropout)."""
         was_training = self.policy.training
         self.policy.eval()
-        p = batch["prompt_width"]
+        r = batch["response_ids"].shape[1]
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
         try:
             for i in range(0, batch["input_ids"].shape[0], self.config.mini_batch_size):
                 sl = slice(i, i + self.config.mini_batch_size)
                 args = (batch["input_ids"][sl], batch["attention_mask"][sl], batch["position_ids"][sl])
-                logits, values = self.policy(*args)
-                logits = self._response_slice(logits, p)
+                # Logits only for the R + 1 positions that predict response tokens: no LM-head work
+                # (vocabulary-sized matmul and memory) for prompt positions.
+                logits, values = self.policy(*args, logits_to_keep=r + 1)
+                logits = self._response_slice(logits, r)
                 labels = batch["response_ids"][sl]
                 parts["logprobs"].append(logprobs_from_logits(logits, labels))
                 parts["entropy"].append(entropy_from_logits(logits))
-                parts["values"].append(self._response_slice(values, p).float())
-                ref_logits = self._response_slice(self.policy.reference_logits(*args), p)
+                parts["values"].append(self._response_slice(values, r).float())
+                ref_logits = self._response_slice(self.policy.reference_logits(*args, logits_to_keep=r + 1), r)
                 parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
         finally:
             self.policy.train(was_training)
@@ -906,7 +941,7 @@ class PPOTrainer:
         skipped, early_stopped = 0, False
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        p = batch["prompt_width"]
+        r = batch["response_ids"].shape[1]
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self._shuffle).to(self.device)
             for b in range(0, cfg.batch_size, cfg.backward_batch_size):
@@ -914,13 +949,14 @@ class PPOTrainer:
                 for m in range(b, b + cfg.backward_batch_size, cfg.mini_batch_size):
                     idx = order[m : m + cfg.mini_batch_size]
                     logits, values = self.model(
-                        batch["input_ids"][idx], batch["attention_mask"][idx], batch["position_ids"][idx]
+                        batch["input_ids"][idx], batch["attention_mask"][idx], batch["position_ids"][idx],
+                        logits_to_keep=r + 1,
                     )
-                    logits = self._response_slice(logits, p)
+                    logits = self._response_slice(logits, r)
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
                     loss, stats = ppo_losses(
                         new_logprobs, rollout["logprobs"][idx], advantages[idx],
-                        self._response_slice(values, p).float(), rollout["values"][idx], returns[idx], mask[idx],
+                        self._response_slice(values, r).float(), rollout["values"][idx], returns[idx], mask[idx],
                         cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
                     )
                     stats = {k: v.item() for k, v in stats.items()}

@@ -1,29 +1,49 @@
 """What the Trainer-based stages (SFT, reward model) share around `trainer.train()`.
 
-Output-dir safety, resume resolution, logging setup, and the train / save / metrics / plot
-sequence, so `finetune_clm.py` and `reward_modeling.py` stay linear and say the same things.
+Output-dir safety, resume resolution, logging setup, the train / save / metrics / plot sequence,
+and the reliability layer every stage's trainer class gets through ``reliable_trainer_class``:
+
+- checkpoints are complete or detectably incomplete: ``checkpoint-<step>/COMPLETE`` is written
+  after everything else, and older checkpoints are only rotated away once the new one is complete;
+  ``--resume_from_checkpoint true`` takes the newest complete one (``rlhf.checkpoint``);
+- SIGTERM / SIGINT finish the current step, write a checkpoint and stop; ``train_and_save`` then
+  raises ``Interrupted`` (exit 128 + signal) instead of saving the model as if training finished;
+- a non-finite training loss stops the run (``TrainingDiverged``, exit 3) naming the step, or with
+  ``--skip_nonfinite_batches`` drops that batch's gradients; a checkpoint is never written from
+  non-finite weights, so the last one on disk is a good one.
+
+``finetune_clm.py`` and ``reward_modeling.py`` stay linear and say the same things.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.errors import UserError
+from rlhf.checkpoint import COMPLETE_MARKER, is_complete, latest_checkpoint, mark_complete, prune_checkpoints
+from rlhf.errors import Interrupted, TrainingDiverged, UserError
 from rlhf.plotting import plot_trainer_history
 
 logger = logging.getLogger("rlhf")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 @dataclass
 class RunArguments:
-    """Run-level flags transformers 5 dropped from TrainingArguments but our users still pass."""
+    """Run-level flags transformers 5 dropped from TrainingArguments, and our reliability options."""
 
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that already holds a run."}
+    )
+    skip_nonfinite_batches: bool = field(
+        default=False,
+        metadata={"help": "Skip a batch whose loss is NaN/inf (its gradients are dropped) instead of stopping."},
     )
 
 
@@ -40,24 +60,40 @@ def setup_logging(training_args) -> None:
     logger.setLevel(min(level, logging.INFO) if training_args.should_log else level)
 
 
+def check_training_args(training_args) -> None:
+    """Flag values TrainingArguments accepts silently but that cannot train."""
+    if not training_args.learning_rate >= 0 or not math.isfinite(training_args.learning_rate):
+        raise UserError(f"--learning_rate {training_args.learning_rate} must be a finite number >= 0; pass e.g. 1e-4")
+    if training_args.weight_decay < 0:
+        raise UserError(f"--weight_decay {training_args.weight_decay} must be >= 0")
+    if training_args.max_grad_norm is not None and training_args.max_grad_norm < 0:
+        raise UserError(f"--max_grad_norm {training_args.max_grad_norm} must be >= 0 (0 turns clipping off)")
+
+
 def resolve_resume(training_args) -> str | None:
     """`--resume_from_checkpoint` as a path; `true` means the newest complete checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
     if str(value).lower() == "true":
         output_dir = Path(training_args.output_dir)
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = latest_checkpoint(output_dir)
         if last is None:
             raise UserError(
-                f"--resume_from_checkpoint true but {output_dir} has no checkpoint-* folder; drop the flag to start fresh"
+                f"--resume_from_checkpoint true but {output_dir} has no complete checkpoint-* folder; "
+                "drop the flag to start fresh"
             )
-        return last
-    if not Path(value).is_dir():
+        logger.info("Resuming from %s", last)
+        return str(last)
+    path = Path(value)
+    if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory; check the path")
-    return str(value)
+    if not is_complete(path):
+        raise UserError(
+            f"--resume_from_checkpoint {value}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run "
+            "stopped while saving it); pass an earlier checkpoint or --resume_from_checkpoint true"
+        )
+    return str(path)
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
@@ -73,12 +109,171 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
     )
 
 
+# ---------------------------------------------------------------- signals
+
+
+class StopOnSignal:
+    """A TrainerCallback: on SIGTERM/SIGINT let the current step finish, save a checkpoint and stop.
+
+    Handlers are installed at ``on_train_begin`` and the previous ones restored at ``on_train_end``
+    (or ``restore()``). A second signal while waiting stops at once with the default action.
+    Subclasses transformers' ``TrainerCallback`` lazily (``make_stop_callback``) so this module
+    imports without transformers.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, number, _frame) -> None:
+        if self.signal_number is not None:  # second signal: stop now, as the user asked twice
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
+        self.signal_number = number
+        logger.warning("Received %s: finishing this step, then writing a checkpoint", signal.Signals(number).name)
+
+    def install(self) -> None:
+        if self._previous:
+            return
+        for number in STOP_SIGNALS:
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: leave the defaults
+                self._previous.pop(number, None)
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    # TrainerCallback hooks
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.install()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_number is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+
+def make_stop_callback() -> StopOnSignal:
+    from transformers import TrainerCallback
+
+    class StopOnSignalCallback(StopOnSignal, TrainerCallback):
+        pass
+
+    return StopOnSignalCallback()
+
+
+# ---------------------------------------------------------------- the trainer mixin
+
+
+def _nonfinite_trainable(model) -> str | None:
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.numel() and not bool(torch.isfinite(parameter).all()):
+            return name
+    return None
+
+
+class ReliableTrainerMixin:
+    """Atomic-by-marker checkpoints, stop-on-signal and non-finite loss handling for any Trainer class."""
+
+    def __init__(self, *args, skip_nonfinite_batches: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_nonfinite_batches = skip_nonfinite_batches
+        self.skipped_nonfinite_batches = 0
+        self.stop_callback = make_stop_callback()
+        self.add_callback(self.stop_callback)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        import torch
+
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if bool(torch.isfinite(loss).all()):
+            return loss
+        step = self.state.global_step + 1
+        if not self.skip_nonfinite_batches:
+            raise TrainingDiverged(
+                f"training loss is {loss.item()} at step {step} (epoch {self.state.epoch or 0:.2f}); the last "
+                "complete checkpoint is intact - resume from it with a lower --learning_rate, or pass "
+                "--skip_nonfinite_batches to skip such batches"
+            )
+        model.zero_grad(set_to_none=True)  # no gradient, so the optimizer leaves every weight as it is
+        self.skipped_nonfinite_batches += 1
+        logger.warning("Skipping a batch at step %d: training loss is %s (%d skipped so far)", step, loss.item(),
+                       self.skipped_nonfinite_batches)
+        # With logging_nan_inf_filter (the default) the Trainer logs the running mean in its place.
+        return loss.detach() if self.args.logging_nan_inf_filter else torch.zeros_like(loss)
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        step = self.state.global_step
+        bad = _nonfinite_trainable(self.model)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"weight {bad} is not finite at step {step}, so no checkpoint was written; the last complete "
+                "checkpoint is intact - resume from it with a lower --learning_rate"
+            )
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{step}"
+        if self.args.should_save and (folder / COMPLETE_MARKER).exists():
+            (folder / COMPLETE_MARKER).unlink()  # overwritten in place: incomplete until saved again
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the base class must not rotate before this one is complete
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # every rank's files (rng states, shards) are written
+        if self.args.should_save:
+            mark_complete(folder)
+            best = self.state.best_model_checkpoint
+            prune_checkpoints(run_dir, limit, protect=(best,) if best else ())
+
+
+def reliable_trainer_class(base_trainer_class: type) -> type:
+    """``base_trainer_class`` (Trainer, GaudiTrainer or a subclass) with ``ReliableTrainerMixin`` in front.
+
+    The class takes one more keyword argument, ``skip_nonfinite_batches``."""
+    if issubclass(base_trainer_class, ReliableTrainerMixin):
+        return base_trainer_class
+    name = f"Reliable{base_trainer_class.__name__}"
+    return type(name, (ReliableTrainerMixin, base_trainer_class), {"__qualname__": name})
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+
 def train_and_save(trainer, training_args, resume: str | None, num_train_samples: int, tokenizer) -> dict:
-    """Train, then save model, tokenizer, metrics, trainer state and training curves (rank 0 writes)."""
-    result = trainer.train(resume_from_checkpoint=resume)
+    """Train, then save model, tokenizer, metrics, trainer state and training curves (rank 0 writes).
+
+    Stopped by a signal: nothing is saved as final; raises ``Interrupted`` naming the checkpoint."""
+    stop = getattr(trainer, "stop_callback", None)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if stop is not None:
+            stop.restore()
+    if stop is not None and stop.signal_number is not None:
+        checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        raise Interrupted(
+            f"checkpoint {checkpoint} written at step {trainer.state.global_step}; resume with the same command "
+            "plus --resume_from_checkpoint",
+            128 + stop.signal_number,
+        )
     trainer.save_model()
     metrics = dict(result.metrics)
     metrics["train_samples"] = num_train_samples
+    skipped = getattr(trainer, "skipped_nonfinite_batches", 0)
+    if skipped:
+        metrics["train_skipped_nonfinite_batches"] = skipped
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

@@ -1,0 +1,91 @@
+"""PPO benchmark worker for our PPO (``rlhf/ppo.py``), run in the main ``.venv``.
+
+    .venv/bin/python bench/ppo_ours.py --workload bench/results/workload-smol.json --out bench/results/ppo-smol-ours.json
+
+Policy: ``PolicyWithValueHead(get_peft_model(model, LoRA r16/alpha32))``: value head on the shared
+trunk, reference = adapter disabled. Reward: ``RewardScorer`` on the workload's reward model
+(texts are decoded and re-tokenized, as in ``rl_training.py``). Each step is
+``generate -> decode -> score -> step``; the time split comes from the trainer's own stats
+(``time/generate_s``, ``time/score_s``, ``time/forward_s``, ``time/update_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (  # noqa: E402
+    LORA_TARGETS, PeakMemory, count_params, load_workload, log, prompt_ids, summarize_steps, write_result,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    memory = PeakMemory()
+    wl = load_workload(args.workload)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
+    from rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+    from rlhf.reward import RewardScorer
+
+    tokenizer = load_tokenizer(wl["model_dir"], padding_side="left")
+    base = load_causal_lm(wl["model_dir"])
+    n_params = count_params(base)
+    lora = wl["lora"]
+    policy = PolicyWithValueHead(get_peft_model(base, LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=LORA_TARGETS,
+        bias="none", task_type="CAUSAL_LM",
+    )))
+    rm_tokenizer = load_tokenizer(wl["rm_dir"])
+    reward_model = load_sequence_classifier(wl["rm_dir"], rm_tokenizer).requires_grad_(False).eval()
+    n_rm_params = count_params(reward_model)
+    scorer = RewardScorer(reward_model, rm_tokenizer, batch_size=wl["batch_size"],
+                          max_length=wl["prompt_tokens"] + 2 * wl["new_tokens"] + 8)
+    batch = wl["batch_size"]
+    config = PPOConfig(batch_size=batch, mini_batch_size=batch // wl["num_minibatches"], gradient_accumulation_steps=1,
+                       ppo_epochs=wl["ppo_epochs"], learning_rate=wl["learning_rate"], seed=wl["seed"])
+    generation = {"max_new_tokens": wl["new_tokens"], "min_new_tokens": wl["new_tokens"], "do_sample": True,
+                  "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, generation_kwargs=generation)
+    memory.reset()
+
+    steps, prompt_lengths, response_lengths = [], [], []
+    for step in range(wl["warmup"] + wl["steps"]):
+        prompts = [torch.tensor(p) for p in prompt_ids(tokenizer, wl, step)]
+        start = time.perf_counter()
+        responses = trainer.generate(prompts)
+        texts_p = tokenizer.batch_decode([p.tolist() for p in prompts], skip_special_tokens=True)
+        texts_r = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        scores = trainer.score(texts_p, texts_r, trainer.ended_with_eos(responses))
+        stats = trainer.step(prompts, responses, scores)
+        wall = time.perf_counter() - start
+        parts = {k: stats[f"time/{k}_s"] for k in ("generate", "score", "forward", "update")}
+        steps.append({"step_s": wall, **{f"{k}_s": v for k, v in parts.items()},
+                      "other_s": wall - sum(parts.values())})
+        prompt_lengths.append(sum(p.numel() for p in prompts) / batch)
+        response_lengths.append(sum(r.numel() for r in responses) / batch)
+        log(f"ours step {step}: {wall:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in parts.items()))
+
+    write_result(args.out, {
+        "framework": "ours", "task": "ppo", "size": wl["size"], "n_params": n_params, "n_rm_params": n_rm_params,
+        "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "steps": steps, "median": summarize_steps(steps, wl["warmup"]),
+        "prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths),
+        "response_len_mean": sum(response_lengths) / len(response_lengths),
+        "memory": memory.report(), "timing_split": "full",
+    })
+
+
+if __name__ == "__main__":
+    main()

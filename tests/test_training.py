@@ -1,0 +1,276 @@
+"""rlhf/training.py: resume resolution, output-dir and flag checks, signal stop, and the reliable
+Trainer mixin (COMPLETE marker, deferred rotation, non-finite loss) on a toy model in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf.checkpoint import COMPLETE_MARKER, is_complete, mark_complete
+from rlhf.errors import Interrupted, TrainingDiverged, UserError
+from rlhf.training import (
+    ReliableTrainerMixin,
+    StopOnSignal,
+    check_output_dir,
+    check_training_args,
+    reliable_trainer_class,
+    resolve_resume,
+    train_and_save,
+)
+
+
+def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if complete:
+        mark_complete(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- resume / output dir / flags
+
+
+def resume_args(output_dir, value):
+    return SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=value)
+
+
+def test_resolve_resume_off(tmp_path):
+    for value in (None, "false", "False", "none", ""):
+        assert resolve_resume(resume_args(tmp_path, value)) is None
+
+
+def test_resolve_resume_true_takes_newest_complete(tmp_path, caplog):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4, complete=False)  # killed while saving
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        assert resolve_resume(resume_args(tmp_path, "true")) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text and "incomplete" in caplog.text.lower()
+
+
+def test_resolve_resume_true_without_checkpoint_is_user_error(tmp_path):
+    make_checkpoint(tmp_path, 4, complete=False)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resolve_resume(resume_args(tmp_path, "true"))
+    with pytest.raises(UserError):
+        resolve_resume(resume_args(tmp_path / "missing", "True"))
+
+
+def test_resolve_resume_explicit_paths(tmp_path):
+    good = make_checkpoint(tmp_path, 2)
+    bad = make_checkpoint(tmp_path, 4, complete=False)
+    assert resolve_resume(resume_args(tmp_path, str(good))) == str(good)
+    with pytest.raises(UserError, match="incomplete"):
+        resolve_resume(resume_args(tmp_path, str(bad)))
+    with pytest.raises(UserError, match="no such checkpoint"):
+        resolve_resume(resume_args(tmp_path, str(tmp_path / "checkpoint-9")))
+
+
+def test_check_output_dir(tmp_path):
+    check_output_dir(str(tmp_path / "new"), overwrite=False, resuming=False)  # missing: fine
+    (tmp_path / "empty").mkdir()
+    check_output_dir(str(tmp_path / "empty"), overwrite=False, resuming=False)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--overwrite_output_dir"):
+        check_output_dir(str(used), overwrite=False, resuming=False)
+    check_output_dir(str(used), overwrite=True, resuming=False)
+    check_output_dir(str(used), overwrite=False, resuming=True)
+    assert (used / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="is a file"):
+        check_output_dir(str(used / "notes.txt"), overwrite=True, resuming=False)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("learning_rate", -1e-4), ("learning_rate", float("nan")), ("weight_decay", -0.1), ("max_grad_norm", -1.0)]
+)
+def test_check_training_args_rejects_out_of_range(field, value):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    check_training_args(args)
+    setattr(args, field, value)  # TrainingArguments itself accepts these silently
+    with pytest.raises(UserError, match=field):
+        check_training_args(args)
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_stop_on_signal_sets_save_and_stop_and_restores_handlers():
+    previous = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal()
+    stop.install()
+    try:
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        stop.on_step_end(None, None, control)
+        assert not control.should_save
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process survives
+        assert stop.signal_number == signal.SIGTERM
+        stop.on_step_end(None, None, control)
+        assert control.should_save and control.should_training_stop
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+# ---------------------------------------------------------------- the mixin on a toy Trainer run
+
+
+class Toy(nn.Module):
+    """y = w.x, squared error; returns NaN loss on the forward calls listed in ``nan_calls`` (1-based)."""
+
+    def __init__(self, nan_calls=()):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+        self.nan_calls = set(nan_calls)
+        self.calls = 0
+
+    def forward(self, x, labels):
+        self.calls += 1
+        loss = ((self.linear(x).squeeze(-1) - labels) ** 2).mean()
+        if self.calls in self.nan_calls:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def toy_data(n=16):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=generator)
+    return [{"x": x[i], "labels": x[i].sum()} for i in range(n)]
+
+
+def toy_trainer(tmp_path, nan_calls=(), skip=False, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    settings = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4, save_steps=1,
+        learning_rate=0.1, report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    cls = reliable_trainer_class(Trainer)
+    return cls(model=Toy(nan_calls), args=TrainingArguments(**settings), train_dataset=toy_data(),
+               skip_nonfinite_batches=skip)
+
+
+def toy_weights(folder: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))["linear.weight"]
+
+
+def test_reliable_trainer_class_wraps_once():
+    from transformers import Trainer
+
+    cls = reliable_trainer_class(Trainer)
+    assert issubclass(cls, ReliableTrainerMixin) and issubclass(cls, Trainer)
+    assert reliable_trainer_class(cls) is cls
+    assert cls.__name__ == "ReliableTrainer"
+
+
+def test_checkpoints_get_marker_and_rotation_waits_for_it(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    seen = []
+    original = Trainer._save_checkpoint
+
+    def spy(self, model, trial):  # the base class's save: the previous checkpoint must still be there
+        out = Path(self.args.output_dir)
+        seen.append(sorted(p.name for p in out.glob("checkpoint-*")))
+        assert self.args.save_total_limit is None  # rotation inside the base save is off
+        original(self, model, trial)
+        assert not is_complete(out / f"checkpoint-{self.state.global_step}")  # marker comes after
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
+    trainer = toy_trainer(tmp_path, save_total_limit=1)
+    trainer.train()
+    out = tmp_path / "out"
+    assert seen == [[], ["checkpoint-1"], ["checkpoint-2"], ["checkpoint-3"]]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    assert trainer.args.save_total_limit == 1
+
+
+def test_resave_over_existing_checkpoint_clears_stale_marker(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    stale = make_checkpoint(tmp_path / "out", 1)  # e.g. a previous run written over
+    markers = []
+    original = Trainer._save_checkpoint
+
+    def spy(self, model, trial):
+        markers.append((stale / COMPLETE_MARKER).exists())
+        original(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
+    toy_trainer(tmp_path, max_steps=1).train()
+    assert markers == [False] and is_complete(stale)
+
+
+def test_nonfinite_loss_raises_naming_step_and_keeps_last_checkpoint(tmp_path):
+    trainer = toy_trainer(tmp_path, nan_calls={3})
+    with pytest.raises(TrainingDiverged, match=r"training loss is nan at step 3.*--skip_nonfinite_batches"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert is_complete(out / "checkpoint-2") and torch.isfinite(toy_weights(out / "checkpoint-2")).all()
+
+
+def test_skip_nonfinite_batches_leaves_weights_untouched_for_that_step(tmp_path):
+    trainer = toy_trainer(tmp_path, nan_calls={3}, skip=True)
+    trainer.train()
+    out = tmp_path / "out"
+    assert trainer.state.global_step == 4 and trainer.skipped_nonfinite_batches == 1
+    assert torch.equal(toy_weights(out / "checkpoint-2"), toy_weights(out / "checkpoint-3"))  # no update at step 3
+    assert not torch.equal(toy_weights(out / "checkpoint-3"), toy_weights(out / "checkpoint-4"))  # training went on
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 4 and all(v == v for v in losses)  # no NaN in the logs
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    trainer = toy_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    with torch.no_grad():
+        trainer.model.linear.weight[0, 0] = float("inf")
+    trainer.state.global_step = 3
+    with pytest.raises(TrainingDiverged, match="linear.weight is not finite at step 3"):
+        trainer._save_checkpoint(trainer.model, None)
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_train_and_save_after_signal_raises_interrupted_without_final_save(tmp_path):
+    trainer = toy_trainer(tmp_path, max_steps=50, save_steps=1000)
+
+    class SignalAtStep2:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    from transformers import TrainerCallback
+
+    trainer.add_callback(type("SignalAtStep2", (SignalAtStep2, TrainerCallback), {})())
+    # our StopOnSignal callback runs before the one above at step 2, so it stops at the end of step 3
+    tokenizer = SimpleNamespace(save_pretrained=lambda *_: pytest.fail("the tokenizer must not be saved"))
+    with pytest.raises(Interrupted) as caught:
+        train_and_save(trainer, trainer.args, None, 16, tokenizer)
+    out = tmp_path / "out"
+    assert caught.value.exit_code == 128 + signal.SIGTERM
+    assert f"checkpoint {out / 'checkpoint-3'} written at step 3" in str(caught.value)
+    assert "--resume_from_checkpoint" in str(caught.value)
+    assert is_complete(out / "checkpoint-3")
+    assert not (out / "model.safetensors").exists() and not (out / "train_results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is not trainer.stop_callback._handle  # handlers restored
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
