@@ -35,14 +35,14 @@ LAUNCH=${LAUNCH:-$PY}
 if [ "$TINY" = 1 ]; then
     OUT=${OUT:-outputs/demo-tiny}
     SFT_STEPS=${SFT_STEPS:-60}; SFT_LR=${SFT_LR:-3e-3}; SFT_PEFT=${SFT_PEFT:-none}
-    RM_EPOCHS=${RM_EPOCHS:-3}; RM_LR=${RM_LR:-3e-3}; RM_PEFT=${RM_PEFT:-none}; RM_BATCH=${RM_BATCH:-8}
+    RM_EPOCHS=${RM_EPOCHS:-3}; RM_STEPS=${RM_STEPS:--1}; RM_LR=${RM_LR:-3e-3}; RM_PEFT=${RM_PEFT:-none}; RM_BATCH=${RM_BATCH:-8}
     PPO_STEPS=${PPO_STEPS:-15}; PPO_BATCH=${PPO_BATCH:-16}; PPO_MINI=${PPO_MINI:-8}; PPO_LR=${PPO_LR:-3e-3}
     RESPONSE_LEN=${RESPONSE_LEN:-24}; EVAL_SAMPLES=${EVAL_SAMPLES:-48}
 else
     OUT=${OUT:-outputs/demo}
-    SFT_STEPS=${SFT_STEPS:-30}; SFT_LR=${SFT_LR:-2e-4}; SFT_PEFT=${SFT_PEFT:-lora}
-    RM_EPOCHS=${RM_EPOCHS:-1}; RM_LR=${RM_LR:-1e-3}; RM_PEFT=${RM_PEFT:-lora}; RM_BATCH=${RM_BATCH:-8}
-    PPO_STEPS=${PPO_STEPS:-12}; PPO_BATCH=${PPO_BATCH:-8}; PPO_MINI=${PPO_MINI:-4}; PPO_LR=${PPO_LR:-5e-4}
+    SFT_STEPS=${SFT_STEPS:-40}; SFT_LR=${SFT_LR:-1e-3}; SFT_PEFT=${SFT_PEFT:-lora}
+    RM_EPOCHS=${RM_EPOCHS:-1}; RM_STEPS=${RM_STEPS:-30}; RM_LR=${RM_LR:-1e-3}; RM_PEFT=${RM_PEFT:-lora}; RM_BATCH=${RM_BATCH:-8}
+    PPO_STEPS=${PPO_STEPS:-12}; PPO_BATCH=${PPO_BATCH:-8}; PPO_MINI=${PPO_MINI:-4}; PPO_LR=${PPO_LR:-2e-4}
     RESPONSE_LEN=${RESPONSE_LEN:-32}; EVAL_SAMPLES=${EVAL_SAMPLES:-24}
 fi
 mkdir -p "$OUT"
@@ -94,9 +94,10 @@ fi
 
 run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE_MODEL" \
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/rm" --device "$DEVICE" \
-    --peft "$RM_PEFT" --num_train_epochs "$RM_EPOCHS" --learning_rate "$RM_LR" \
+    --peft "$RM_PEFT" --num_train_epochs "$RM_EPOCHS" --max_steps "$RM_STEPS" --learning_rate "$RM_LR" \
     --per_device_train_batch_size "$RM_BATCH" --per_device_eval_batch_size 16 --max_length 256 \
-    --logging_steps 5 --save_strategy steps --save_steps 50 --save_total_limit 1 --seed 0 --report_to none ${RM_ARGS:-}
+    --logging_steps 5 --save_strategy steps --save_steps 50 --save_total_limit 1 --seed 0 --report_to none \
+    --reward_stats_samples 128 ${RM_ARGS:-}
 
 run_stage ppo "$OUT/ppo" $LAUNCH rl_training.py --model_name "$SFT_MODEL" --reward_model_name "$OUT/rm" \
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/ppo" --device "$DEVICE" \
