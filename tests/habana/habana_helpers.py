@@ -43,7 +43,8 @@ def instance_classes(record: dict) -> list[str]:
 
 
 def instances(record: dict, cls: str) -> list[dict]:
-    return [i for i in record["instances"] if i["class"] == cls]
+    # Our scripts put mixins in front (e.g. ReliableGaudiTrainer): match the class by its name suffix.
+    return [i for i in record["instances"] if i["class"].endswith(cls)]
 
 
 def only_record(record_dir: Path) -> dict:
