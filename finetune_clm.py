@@ -41,8 +41,7 @@ from rlhf.modeling import (
     check_model_path,
     count_parameters,
     load_causal_lm,
-    load_config,
-    load_tokenizer,
+    load_model_tokenizer,
     lora_config,
 )
 from rlhf.sft_data import PackedCollator, pack_examples, tokenize_example
@@ -120,11 +119,7 @@ def main() -> None:
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
     logger.info("Arguments: %s", {**public_dict(model_args), **public_dict(data_args), **public_dict(ft_args)})
 
-    load_config(model_path, "--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer,
-        trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-    )
+    tokenizer = load_model_tokenizer(model_args, model_path)
     train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=training_args.seed)
     template = resolve_template(data_args.prompt_template, tokenizer)
     with training_args.main_process_first(desc="preprocessing"):

@@ -52,9 +52,8 @@ from rlhf.modeling import (
     ModelArguments,
     check_model_path,
     count_parameters,
-    load_config,
     load_sequence_classifier,
-    load_tokenizer,
+    load_model_tokenizer,
     lora_config,
 )
 from rlhf.reward import (
@@ -139,11 +138,7 @@ def main() -> None:
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
     logger.info("Arguments: %s", {**public_dict(model_args), **public_dict(data_args), **public_dict(rm_args)})
 
-    load_config(model_path, "--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer,
-        trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-    )
+    tokenizer = load_model_tokenizer(model_args, model_path)
     train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=training_args.seed)
     if not do_train and eval_raw is None:
         raise UserError("--eval_only needs held-out data; pass --validation_file or --validation_split_percentage")

@@ -10,7 +10,6 @@ install, ``pip check`` runs and the torch version is asserted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

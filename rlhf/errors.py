@@ -32,10 +32,6 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
-    raise UserError(message)
-
-
 def run_cli(main: Callable[[], object]) -> int:
     """Run a script's ``main``; turn a ``UserError`` into one stderr line and exit code 2.
 

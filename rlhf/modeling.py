@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +108,16 @@ def load_tokenizer(name: str, use_fast: bool = True, padding_side: str = "right"
         raise UserError(f"tokenizer {name} has no pad, eos or unk token; add a pad token to it")
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def load_model_tokenizer(model_args: ModelArguments, model_path: str, padding_side: str = "right"):
+    """Check that the model's config loads (a one-line error otherwise), then load its tokenizer
+    (or ``--tokenizer_name``) before any heavy work."""
+    load_config(model_path, "--model_name_or_path", trust_remote_code=model_args.trust_remote_code)
+    return load_tokenizer(
+        model_args.tokenizer_name or model_path, use_fast=model_args.use_fast_tokenizer, padding_side=padding_side,
+        trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+    )
 
 
 def load_causal_lm(name: str, dtype=None, **kwargs):
