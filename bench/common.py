@@ -43,6 +43,19 @@ PLAIN_TEMPLATE = "{system}\n\nQuestion: {question}\n\nAnswer: "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def start_ppo_worker(description: str):
+    """The PPO workers' shared start: parse ``--workload``/``--out``, begin sampling peak memory.
+    Returns (args, memory sampler, workload)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    memory = PeakMemory()
+    return args, memory, load_workload(args.workload)
+
+
 def load_workload(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         workload = json.load(handle)

@@ -11,7 +11,6 @@ trunk, reference = adapter disabled. Reward: ``RewardScorer`` on the workload's 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,17 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, PeakMemory, count_params, load_workload, log, prompt_ids, summarize_steps, write_result,
+    LORA_TARGETS, count_params, log, prompt_ids, summarize_steps, write_result,
+    start_ppo_worker,
 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    memory = PeakMemory()
-    wl = load_workload(args.workload)
+    args, memory, wl = start_ppo_worker(__doc__.splitlines()[0])
 
     import torch
     from peft import LoraConfig, get_peft_model

@@ -17,7 +17,6 @@ the v5 ``rope_parameters`` field.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, PeakMemory, Timers, count_params, load_workload, log, prompt_ids, summarize_steps, write_result,
+    LORA_TARGETS, Timers, count_params, log, prompt_ids, summarize_steps, write_result,
+    start_ppo_worker,
 )
 
 
@@ -58,12 +58,7 @@ def load_config(path: str, **kwargs):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    memory = PeakMemory()
-    wl = load_workload(args.workload)
+    args, memory, wl = start_ppo_worker(__doc__.splitlines()[0])
 
     import torch
     from peft import LoraConfig

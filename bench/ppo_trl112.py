@@ -22,7 +22,6 @@ metrics gathering). Step boundaries come from ``on_step_end`` callbacks.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -31,17 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, PeakMemory, Timers, count_params, load_workload, log, prompt_ids, summarize_steps, write_result,
+    LORA_TARGETS, Timers, count_params, log, prompt_ids, summarize_steps, write_result,
+    start_ppo_worker,
 )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    memory = PeakMemory()
-    wl = load_workload(args.workload)
+    args, memory, wl = start_ppo_worker(__doc__.splitlines()[0])
 
     import numpy as np
     import torch

@@ -135,6 +135,11 @@ def load_sequence_classifier(name: str, tokenizer, dtype=None, **kwargs):
     return model
 
 
+def position_ids_from_mask(attention_mask):
+    """0, 1, 2, ... over the real tokens whatever the padding side (pads get 0), as ``generate`` counts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from rlhf.errors import UserError
+from rlhf.modeling import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -315,11 +316,6 @@ def _keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict:
     except (TypeError, ValueError):
         accepted = False
     return {"logits_to_keep": logits_to_keep} if accepted else {}
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (0 on left padding), as ``generate`` does."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ValueHead(nn.Module):
@@ -765,7 +761,8 @@ class PPOTrainer:
 
     def ended_with_eos(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
         """Bool per response from ``generate``: True if it finished with EOS (not cut by length)."""
-        return torch.tensor([r.numel() > 0 and int(r[-1]) == self.eos_token_id for r in responses], dtype=torch.bool)
+        last = [r[-1:] if r.numel() else r.new_full((1,), -1) for r in responses]
+        return (torch.cat(last) == self.eos_token_id).cpu()
 
     def score(
         self,
@@ -959,8 +956,8 @@ class PPOTrainer:
                         self._response_slice(values, r).float(), rollout["values"][idx], returns[idx], mask[idx],
                         cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
                     )
-                    stats = {k: v.item() for k, v in stats.items()}
-                    stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx]).item()
+                    stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx])
+                    stats = dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
                     decide = self._reduce({k: stats[k] for k in ("policy/approxkl", "policy/ratio_mean")})
                     mb_stats.append(stats)
                     if cfg.early_stopping and decide["policy/approxkl"] > 1.5 * cfg.target_kl:
@@ -984,7 +981,7 @@ class PPOTrainer:
         lengths = mask.sum(1)
         kl_per_seq = kl.sum(1)
         non_score_per_seq = non_score_reward.sum(1)
-        ended = torch.tensor([int(r[-1]) == self.eos_token_id for r in responses], dtype=torch.float32)
+        ended = self.ended_with_eos(responses).float()
         stats: dict[str, float] = {
             "objective/scores": scores.mean().item(),
             "objective/raw_scores": self._pending.pop("objective/raw_scores", scores.mean().item()),

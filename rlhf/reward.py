@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.errors import UserError
+from rlhf.modeling import position_ids_from_mask
 
 logger = logging.getLogger("rlhf")
 
@@ -79,11 +80,6 @@ def find_score_head(model: torch.nn.Module) -> torch.nn.Module:
             f"{type(model).__name__} has no score head (a submodule named {' or '.join(SCORE_HEAD_NAMES)})"
         )
     return best[1]
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens whatever the padding side (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
