@@ -173,18 +173,31 @@ class StopRequest:
         logger.warning("Received %s: finishing this step, then checkpointing", signal.Signals(number).name)
 
 
+def distinct_prompts(prompts: list[str], source: str) -> list[str]:
+    """Non-empty prompts, each once, in file order.
+
+    Preference files often hold several pairs per prompt; PPO should visit each prompt once per
+    epoch, and a prompt held out for evaluation must not also be trained on.
+    """
+    distinct = list(dict.fromkeys(p for p in prompts if p))
+    repeats = sum(1 for p in prompts if p) - len(distinct)
+    if repeats:
+        logger.info("%s: %d repeated prompts skipped (%d distinct)", source, repeats, len(distinct))
+    return distinct
+
+
 def load_prompts(data_args: DataArguments, args: ScriptArguments, tokenizer, world: int, rank: int):
     """(training prompts for this rank, held-out prompts) as rendered prompt texts."""
     train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=args.seed)
     template = resolve_template(data_args.prompt_template, tokenizer)
     train, _ = prepare_examples(train_raw, train_source, tokenizer, template, allow_sft=True)
-    prompts = [p for p in train["prompt"] if p]
+    prompts = distinct_prompts(train["prompt"], train_source)
     if not prompts:
         raise UserError(f"{train_source}: no prompts found (a text-only dataset has none); give prompts to PPO")
     held_out: list[str] = []
     if eval_raw is not None:
         evaluation, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=True)
-        held_out = [p for p in evaluation["prompt"] if p]
+        held_out = distinct_prompts(evaluation["prompt"], eval_source)
     elif args.eval_samples:
         shuffled = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
         cut = min(args.eval_samples, len(prompts) // 5)

@@ -131,7 +131,7 @@ def test_data_has_all_failure_kinds_and_varied_answers():
         for key, ok in check_response(row["question"], row["rejected"]).items():
             kinds[key] += not ok
     assert all(count >= len(rows) // 5 for count in kinds.values()), kinds
-    assert len({row["chosen"] for row in rows}) > len(rows) // 2
+    assert len({row["chosen"] for row in rows}) > len(rows) // 3  # chosen wording varies per pair
     assert len({row["system"] for row in rows}) >= 3
     assert {find_topic(row["question"]) for row in rows} == set(TOPIC_WORDS)
 
@@ -151,3 +151,21 @@ def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
     for name in ("train.jsonl", "test.jsonl"):
         with open(tmp_path / name, "rb") as new, open(os.path.join(DEMO, name), "rb") as old:
             assert new.read() == old.read(), name
+
+
+def test_training_questions_have_one_pair_per_failure_and_minimal_pairs():
+    by_question: dict[str, list[dict]] = {}
+    for row in _rows("train"):
+        by_question.setdefault(row["question"], []).append(row)
+    assert len(by_question) == 400
+    for question, rows in by_question.items():
+        failures = [next(k for k, ok in check_response(question, r["rejected"]).items() if not ok) for r in rows]
+        assert sorted(failures) == ["finished", "on_topic", "on_topic", "on_topic", "polite"], question
+        off_topic = [r for r, failure in zip(rows, failures) if failure == "on_topic"]
+        other_topics = {next(w for w in TOPIC_WORDS if mentions(r["rejected"], w)) for r in off_topic}
+        assert len(other_topics) == 3, question
+        for row in off_topic:  # the same polite wording, another topic's fact
+            markers = [m for m in POLITE_MARKERS if mentions(row["chosen"], m)]
+            assert markers and markers == [m for m in POLITE_MARKERS if mentions(row["rejected"], m)], row
+    assert len({row["system"] for rows in by_question.values() for row in rows}) >= 3
+    assert all(len({row["system"] for row in rows}) == 1 for rows in by_question.values())

@@ -29,15 +29,14 @@ TRAIN = REPO / "data" / "demo" / "train.jsonl"
 TEST = REPO / "data" / "demo" / "test.jsonl"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
-# Tuned for the tiny random-init model on 2 CPU cores: a full fine-tune learns "polite" and "finished"
-# within 3 epochs (about 0.82 held out). "On topic" (a third of the rejected answers) does not generalise
-# to the test set's unseen question/topic combinations even after 10 epochs (train loss ~0.02, held-out
-# 0.84), so 0.9 is out of reach for this model; the test asks for clearly above chance.
+# The bar: the tiny random-init model reaches >= 0.9 held out in a couple of minutes on CPU.
+# A full fine-tune of 10 epochs over the 2000 training pairs takes about 45 s on 2 cores and measured
+# 0.95-0.99 across model/data-order seeds; "polite" and "finished" are learnt first, "on topic" last.
 ACCURACY_FLAGS = [
-    "--peft", "none", "--learning_rate", "2e-3", "--num_train_epochs", "3", "--per_device_train_batch_size", "8",
-    "--logging_steps", "10", "--per_device_eval_batch_size", "32", "--reward_stats_samples", "128",
+    "--peft", "none", "--learning_rate", "1e-3", "--num_train_epochs", "10", "--per_device_train_batch_size", "8",
+    "--logging_steps", "50", "--per_device_eval_batch_size", "32", "--reward_stats_samples", "128",
 ]
-MIN_ACCURACY = 0.75
+MIN_ACCURACY = 0.9
 
 
 def demo_rows(n: int = 16) -> list[dict]:
@@ -75,7 +74,7 @@ def trained(tiny_dir, tmp_path_factory):
 # ---------------------------------------------------------------- the trained model
 
 
-def test_heldout_accuracy_above_chance(trained):
+def test_heldout_accuracy_reaches_0_9(trained):
     output, _ = trained
     results = json.loads((output / "eval_results.json").read_text())
     assert results["eval_samples"] == 140
@@ -133,7 +132,7 @@ def test_reference_command_runs(tiny_dir, tmp_path, monkeypatch):
     ]
     assert run_main(monkeypatch, argv) == 0
     results = json.loads((output / "eval_results.json").read_text())
-    assert results["eval_samples"] == 8 and "eval_accuracy" in results  # 2% of the 400 rows held out
+    assert results["eval_samples"] == 40 and "eval_accuracy" in results  # 2% of the 2000 rows held out
     assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
     assert any(output.glob("checkpoint-*"))  # trainer checkpoints are still written by default
     assert "hf_dummy_secret_value" not in "".join(p.read_text(errors="ignore") for p in output.glob("*.json"))

@@ -2,14 +2,23 @@
 
 Usage:
     python data/demo/make_demo_data.py                       # writes data/demo/{train,test}.jsonl
-    python data/demo/make_demo_data.py --output_dir /tmp/demo --seed 0 --n_train 400 --n_test 140
+    python data/demo/make_demo_data.py --output_dir /tmp/demo --seed 0 --n_train 400 --n_test 140 \
+        --off_topic_pairs 3
 
 The preference follows the readable rule in ``rlhf/demo_rule.py`` (topics and markers are
 imported from there, so data and rule agree): a chosen answer mentions the question's topic
 word, is polite (contains a polite marker such as "Happy to help") and ends its sentence with
-"." or "!". Each rejected answer breaks exactly one of these, picked at random per pair: rude
-(a rude marker, no polite one), off topic (a polite, finished answer about another topic) or
-trailing off (stops mid-sentence, no final punctuation). Answers are one or two short sentences.
+"." or "!". Each rejected answer breaks exactly one of these: rude (a rude marker, no polite
+one), off topic (the same polite wording about another topic) or trailing off (a polite opening,
+stopping mid-sentence). Answers are one or two short sentences.
+
+A rejected answer keeps the chosen answer's wording wherever its failure allows (a minimal
+pair), so the one property that differs is what a reward model has to learn. Each training
+question has several pairs, as in real preference data with several comparisons per prompt:
+one rude, one trailing off and ``--off_topic_pairs`` off topic (3 by default, each about a
+different other topic), because "on topic" is the relation between question and answer that a
+small model learns last. The training rows are shuffled, so any first N rows mix questions.
+Each test question has one pair, its failure kind picked at random.
 
 Train and test use disjoint (question template, topic) combinations, so no test question
 appears in train. Standard library only; the output depends only on ``--seed`` and the sizes.
@@ -76,9 +85,16 @@ def _lower_first(fact: str, topic: str) -> str:
     return fact[0].lower() + fact[1:]
 
 
-def polite_answer(rng: random.Random, fact: str, topic: str) -> str:
-    """A polite, finished one- or two-sentence answer stating ``fact``."""
-    opening, closing = rng.choice(OPENING_MARKERS), rng.choice(CLOSING_MARKERS)
+Style = tuple[str, str, int]  # (opening marker, closing marker, index into the polite formats)
+
+
+def polite_style(rng: random.Random) -> Style:
+    return rng.choice(OPENING_MARKERS), rng.choice(CLOSING_MARKERS), rng.randrange(6)
+
+
+def polite_answer(fact: str, topic: str, style: Style) -> str:
+    """A polite, finished one- or two-sentence answer stating ``fact`` in ``style``."""
+    opening, closing, index = style
     f = _lower_first(fact, topic)
     formats = [
         f"{opening}! {fact}.",
@@ -88,49 +104,71 @@ def polite_answer(rng: random.Random, fact: str, topic: str) -> str:
         f"{opening}! Here is a fact: {f}.",
         f"Sure! {fact}. {closing}.",
     ]
-    return rng.choice(formats)
+    return formats[index]
 
 
-def rejected_answer(rng: random.Random, kind: str, fact: str, topic: str) -> str:
+def other_topics(rng: random.Random, topic: str, count: int) -> list[tuple[str, str]]:
+    """``count`` different (topic word, fact) pairs whose facts do not mention ``topic``."""
+    others = [(w, fa) for w, _, fa in TOPICS if w != topic and not mentions(fa, topic)]
+    return rng.sample(others, count)
+
+
+def rejected_answer(rng: random.Random, kind: str, fact: str, topic: str, style: Style,
+                    other: tuple[str, str] | None = None) -> str:
+    """A rejected answer of failure ``kind``, worded like the chosen answer in ``style`` where it can be."""
     if kind == "rude":
         return rng.choice(RUDE_FORMATS).format(F=fact, f=_lower_first(fact, topic))
     if kind == "off_topic":
-        others = [(w, fa) for w, _, fa in TOPICS if w != topic and not mentions(fa, topic)]
-        other_word, other_fact = rng.choice(others)
-        return polite_answer(rng, other_fact, other_word)
+        other_word, other_fact = other or other_topics(rng, topic, 1)[0]
+        return polite_answer(other_fact, other_word, style)
     if kind == "trail_off":
         words = fact.split()
         topic_at = next(i for i, w in enumerate(words) if mentions(w, topic))
         cut = rng.randint(max(topic_at + 2, 3), max(topic_at + 2, 3, len(words) - 2))
         fragment = " ".join(words[:cut]).rstrip(",.")
-        return f"{rng.choice(OPENING_MARKERS)}! {fragment} {rng.choice(TRAILING_TAILS)}"
+        return f"{style[0]}! {fragment} {rng.choice(TRAILING_TAILS)}"
     raise ValueError(f"unknown rejected kind {kind!r}")
 
 
-def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140) -> tuple[list[dict], list[dict]]:
-    """Build (train, test) rows; questions in test never occur in train."""
+def question_pairs(rng: random.Random, question: str, word: str, fact: str, kinds: list[str]) -> list[dict]:
+    """One row per failure kind in ``kinds`` for one question (off-topic rows use different topics)."""
+    system = rng.choice(SYSTEM_PROMPTS)
+    others = iter(other_topics(rng, word, kinds.count("off_topic")))
+    rows = []
+    for kind in kinds:
+        style = polite_style(rng)
+        other = next(others) if kind == "off_topic" else None
+        row = {
+            "system": system,
+            "question": question,
+            "chosen": polite_answer(fact, word, style),
+            "rejected": rejected_answer(rng, kind, fact, word, style, other),
+        }
+        # The data must agree with the rule, or the demo teaches nothing checkable.
+        assert rule_score(question, row["chosen"]) == 1.0, row
+        assert rule_score(question, row["rejected"]) < 1.0, row
+        rows.append(row)
+    return rows
+
+
+def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140, off_topic_pairs: int = 3):
+    """Build (train, test) rows; questions in test never occur in train.
+
+    Train has ``2 + off_topic_pairs`` rows per question, test one (its kind picked at random).
+    """
     rng = random.Random(seed)
     combos = [(template, topic) for template in QUESTION_TEMPLATES for topic in TOPICS]
     if n_train + n_test > len(combos):
         raise ValueError(f"at most {len(combos)} distinct questions; asked for {n_train + n_test}")
     rng.shuffle(combos)
     splits = {"test": combos[:n_test], "train": combos[n_test:n_test + n_train]}
-    rows: dict[str, list[dict]] = {}
-    for name in ("train", "test"):
-        rows[name] = []
+    train_kinds = ["rude", "trail_off"] + ["off_topic"] * off_topic_pairs
+    rows: dict[str, list[dict]] = {"test": [], "train": []}
+    for name in ("test", "train"):  # test first: it does not depend on the training settings
         for template, (word, phrase, fact) in splits[name]:
-            question = template.format(t=phrase)
-            kind = rng.choice(["rude", "off_topic", "trail_off"])
-            row = {
-                "system": rng.choice(SYSTEM_PROMPTS),
-                "question": question,
-                "chosen": polite_answer(rng, fact, word),
-                "rejected": rejected_answer(rng, kind, fact, word),
-            }
-            # The data must agree with the rule, or the demo teaches nothing checkable.
-            assert rule_score(question, row["chosen"]) == 1.0, row
-            assert rule_score(question, row["rejected"]) < 1.0, row
-            rows[name].append(row)
+            kinds = [rng.choice(["rude", "off_topic", "trail_off"])] if name == "test" else train_kinds
+            rows[name].extend(question_pairs(rng, template.format(t=phrase), word, fact, kinds))
+    rng.shuffle(rows["train"])
     return rows["train"], rows["test"]
 
 
@@ -153,13 +191,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_train", type=int, default=400)
     parser.add_argument("--n_test", type=int, default=140)
+    parser.add_argument("--off_topic_pairs", type=int, default=3, help="off-topic pairs per training question")
     args = parser.parse_args()
+    if not 0 <= args.off_topic_pairs <= len(TOPICS) - 5:
+        parser.error(f"--off_topic_pairs {args.off_topic_pairs} is out of range; use 0 to {len(TOPICS) - 5}")
     _check_topics()
-    train, test = make_pairs(args.seed, args.n_train, args.n_test)
+    train, test = make_pairs(args.seed, args.n_train, args.n_test, args.off_topic_pairs)
     os.makedirs(args.output_dir, exist_ok=True)
     write_jsonl(os.path.join(args.output_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(args.output_dir, "test.jsonl"), test)
-    print(f"wrote {len(train)} train and {len(test)} test pairs to {args.output_dir}")
+    print(f"wrote {len(train)} train pairs ({args.n_train} questions) and {len(test)} test pairs to {args.output_dir}")
 
 
 if __name__ == "__main__":
