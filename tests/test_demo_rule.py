@@ -130,7 +130,7 @@ def test_data_has_all_failure_kinds_and_varied_answers():
     for row in rows:
         for key, ok in check_response(row["question"], row["rejected"]).items():
             kinds[key] += not ok
-    assert all(count >= len(rows) // 5 for count in kinds.values()), kinds
+    assert all(count >= len(rows) // 6 for count in kinds.values()), kinds
     assert len({row["chosen"] for row in rows}) > len(rows) // 3  # chosen wording varies per pair
     assert len({row["system"] for row in rows}) >= 3
     assert {find_topic(row["question"]) for row in rows} == set(TOPIC_WORDS)
@@ -157,10 +157,12 @@ def test_training_questions_have_one_pair_per_failure_and_minimal_pairs():
     by_question: dict[str, list[dict]] = {}
     for row in _rows("train"):
         by_question.setdefault(row["question"], []).append(row)
-    assert len(by_question) == 400
+    assert len(by_question) == 400  # 6 pairs each: rude, plain, trailing off, 3 off topic
     for question, rows in by_question.items():
         failures = [next(k for k, ok in check_response(question, r["rejected"]).items() if not ok) for r in rows]
-        assert sorted(failures) == ["finished", "on_topic", "on_topic", "on_topic", "polite"], question
+        assert sorted(failures) == ["finished", "on_topic", "on_topic", "on_topic", "polite", "polite"], question
+        impolite = [r["rejected"] for r, failure in zip(rows, failures) if failure == "polite"]
+        assert sum(any(mentions(text, m) for m in RUDE_MARKERS) for text in impolite) == 1  # one rude, one plain
         off_topic = [r for r, failure in zip(rows, failures) if failure == "on_topic"]
         other_topics = {next(w for w in TOPIC_WORDS if mentions(r["rejected"], w)) for r in off_topic}
         assert len(other_topics) == 3, question

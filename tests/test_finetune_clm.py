@@ -85,7 +85,7 @@ def test_lora_run_writes_adapter_tokenizer_metrics_and_curves(tiny_model_dir, tm
     assert adapter["base_model_name_or_path"] == tiny_model_dir
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     results = json.loads((out / "all_results.json").read_text())
-    assert results["train_samples"] == 2000 and results["train_loss"] > 0  # every row of data/demo/train.jsonl
+    assert results["train_samples"] == 2400 and results["train_loss"] > 0  # every row of data/demo/train.jsonl
     assert not (out / "model.safetensors").exists()  # LoRA: the adapter only
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20

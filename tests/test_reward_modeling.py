@@ -30,7 +30,7 @@ TEST = REPO / "data" / "demo" / "test.jsonl"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
 # The bar: the tiny random-init model reaches >= 0.9 held out in a couple of minutes on CPU.
-# A full fine-tune of 10 epochs over the 2000 training pairs takes about 45 s on 2 cores and measured
+# A full fine-tune of 10 epochs over the 2400 training pairs takes about 50 s on 2 cores and measured
 # 0.95-0.99 across model/data-order seeds; "polite" and "finished" are learnt first, "on topic" last.
 ACCURACY_FLAGS = [
     "--peft", "none", "--learning_rate", "1e-3", "--num_train_epochs", "10", "--per_device_train_batch_size", "8",
@@ -132,7 +132,7 @@ def test_reference_command_runs(tiny_dir, tmp_path, monkeypatch):
     ]
     assert run_main(monkeypatch, argv) == 0
     results = json.loads((output / "eval_results.json").read_text())
-    assert results["eval_samples"] == 40 and "eval_accuracy" in results  # 2% of the 2000 rows held out
+    assert results["eval_samples"] == 48 and "eval_accuracy" in results  # 2% of the 2400 rows held out
     assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
     assert any(output.glob("checkpoint-*"))  # trainer checkpoints are still written by default
     assert "hf_dummy_secret_value" not in "".join(p.read_text(errors="ignore") for p in output.glob("*.json"))

@@ -8,17 +8,19 @@ Usage:
 The preference follows the readable rule in ``rlhf/demo_rule.py`` (topics and markers are
 imported from there, so data and rule agree): a chosen answer mentions the question's topic
 word, is polite (contains a polite marker such as "Happy to help") and ends its sentence with
-"." or "!". Each rejected answer breaks exactly one of these: rude (a rude marker, no polite
-one), off topic (the same polite wording about another topic) or trailing off (a polite opening,
-stopping mid-sentence). Answers are one or two short sentences.
+"." or "!". Each rejected answer breaks exactly one of these: impolite (rude: a rude marker and
+no polite one; or plain: the bare fact, no marker at all), off topic (the same polite wording
+about another topic) or trailing off (a polite opening, stopping mid-sentence). Answers are one
+or two short sentences.
 
 A rejected answer keeps the chosen answer's wording wherever its failure allows (a minimal
 pair), so the one property that differs is what a reward model has to learn. Each training
 question has several pairs, as in real preference data with several comparisons per prompt:
-one rude, one trailing off and ``--off_topic_pairs`` off topic (3 by default, each about a
-different other topic), because "on topic" is the relation between question and answer that a
-small model learns last. The training rows are shuffled, so any first N rows mix questions.
-Each test question has one pair, its failure kind picked at random.
+one rude, one plain, one trailing off and ``--off_topic_pairs`` off topic (3 by default, each
+about a different other topic), because "on topic" is the relation between question and answer
+that a small model learns last. The training rows are shuffled, so any first N rows mix
+questions. Each test question has one pair: impolite (rude or plain), off topic or trailing off,
+a third each at random.
 
 Train and test use disjoint (question template, topic) combinations, so no test question
 appears in train. Standard library only; the output depends only on ``--seed`` and the sizes.
@@ -118,6 +120,8 @@ def rejected_answer(rng: random.Random, kind: str, fact: str, topic: str, style:
     """A rejected answer of failure ``kind``, worded like the chosen answer in ``style`` where it can be."""
     if kind == "rude":
         return rng.choice(RUDE_FORMATS).format(F=fact, f=_lower_first(fact, topic))
+    if kind == "plain":
+        return f"{fact}."
     if kind == "off_topic":
         other_word, other_fact = other or other_topics(rng, topic, 1)[0]
         return polite_answer(other_fact, other_word, style)
@@ -154,7 +158,7 @@ def question_pairs(rng: random.Random, question: str, word: str, fact: str, kind
 def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140, off_topic_pairs: int = 3):
     """Build (train, test) rows; questions in test never occur in train.
 
-    Train has ``2 + off_topic_pairs`` rows per question, test one (its kind picked at random).
+    Train has ``3 + off_topic_pairs`` rows per question, test one (its kind picked at random).
     """
     rng = random.Random(seed)
     combos = [(template, topic) for template in QUESTION_TEMPLATES for topic in TOPICS]
@@ -162,11 +166,12 @@ def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140, off_topic_p
         raise ValueError(f"at most {len(combos)} distinct questions; asked for {n_train + n_test}")
     rng.shuffle(combos)
     splits = {"test": combos[:n_test], "train": combos[n_test:n_test + n_train]}
-    train_kinds = ["rude", "trail_off"] + ["off_topic"] * off_topic_pairs
+    train_kinds = ["rude", "plain", "trail_off"] + ["off_topic"] * off_topic_pairs
     rows: dict[str, list[dict]] = {"test": [], "train": []}
     for name in ("test", "train"):  # test first: it does not depend on the training settings
         for template, (word, phrase, fact) in splits[name]:
-            kinds = [rng.choice(["rude", "off_topic", "trail_off"])] if name == "test" else train_kinds
+            kinds = [rng.choice(["impolite", "off_topic", "trail_off"])] if name == "test" else train_kinds
+            kinds = [rng.choice(["rude", "plain"]) if k == "impolite" else k for k in kinds]
             rows[name].extend(question_pairs(rng, template.format(t=phrase), word, fact, kinds))
     rng.shuffle(rows["train"])
     return rows["train"], rows["test"]
