@@ -179,10 +179,11 @@ def distinct_prompts(prompts: list[str], source: str) -> list[str]:
     Preference files often hold several pairs per prompt; PPO should visit each prompt once per
     epoch, and a prompt held out for evaluation must not also be trained on.
     """
-    distinct = list(dict.fromkeys(p for p in prompts if p))
-    repeats = sum(1 for p in prompts if p) - len(distinct)
-    if repeats:
-        logger.info("%s: %d repeated prompts skipped (%d distinct)", source, repeats, len(distinct))
+    non_empty = [p for p in prompts if p]
+    distinct = list(dict.fromkeys(non_empty))
+    if len(distinct) < len(non_empty):
+        logger.info("%s: %d repeated prompts skipped (%d distinct)",
+                    source, len(non_empty) - len(distinct), len(distinct))
     return distinct
 
 

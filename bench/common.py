@@ -117,6 +117,19 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def step_row(framework: str, index: int, wall: float, parts: dict[str, float | None]) -> dict:
+    """One step's timing row (wall, each part, the rest as ``other_s``), logged as it is made."""
+    known = sum(v for v in parts.values() if v is not None)
+    timings = " ".join(f"{k}={v:.2f}" for k, v in parts.items() if v is not None)
+    log(f"{framework} step {index}: {wall:.2f} s {timings}")
+    return {"step_s": wall, **{f"{k}_s": v for k, v in parts.items()}, "other_s": wall - known}
+
+
+def mean_tokens(sequences) -> float:
+    """Mean number of tokens per sequence in a batch of 1-D tensors."""
+    return sum(s.numel() for s in sequences) / len(sequences)
+
+
 def summarize_steps(steps: list[dict], warmup: int) -> dict:
     """Median of each timing key over the measured steps (those after ``warmup``)."""
     measured = steps[warmup:]

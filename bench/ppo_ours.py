@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, count_params, log, prompt_ids, summarize_steps, write_result,
-    start_ppo_worker,
+    LORA_TARGETS, count_params, prompt_ids, summarize_steps, write_result,
+    mean_tokens, start_ppo_worker, step_row,
 )
 
 
@@ -66,11 +66,9 @@ def main() -> None:
         stats = trainer.step(prompts, responses, scores)
         wall = time.perf_counter() - start
         parts = {k: stats[f"time/{k}_s"] for k in ("generate", "score", "forward", "update")}
-        steps.append({"step_s": wall, **{f"{k}_s": v for k, v in parts.items()},
-                      "other_s": wall - sum(parts.values())})
-        prompt_lengths.append(sum(p.numel() for p in prompts) / batch)
-        response_lengths.append(sum(r.numel() for r in responses) / batch)
-        log(f"ours step {step}: {wall:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in parts.items()))
+        steps.append(step_row("ours", step, wall, parts))
+        prompt_lengths.append(mean_tokens(prompts))
+        response_lengths.append(mean_tokens(responses))
 
     write_result(args.out, {
         "framework": "ours", "task": "ppo", "size": wl["size"], "n_params": n_params, "n_rm_params": n_rm_params,

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, Timers, count_params, log, prompt_ids, summarize_steps, write_result,
-    start_ppo_worker,
+    LORA_TARGETS, Timers, count_params, prompt_ids, summarize_steps, write_result,
+    mean_tokens, start_ppo_worker, step_row,
 )
 
 
@@ -113,11 +113,9 @@ def main() -> None:
         parts = timers.pop()
         parts["forward"] = float(stats["time/ppo/forward_pass"])
         parts["update"] = float(stats["time/ppo/optimize_step"])
-        steps.append({"step_s": wall, **{f"{k}_s": v for k, v in parts.items()},
-                      "other_s": wall - sum(parts.values())})
-        prompt_lengths.append(sum(p.numel() for p in prompts) / batch)
-        response_lengths.append(sum(r.numel() for r in responses) / batch)
-        log(f"trl0114 step {step}: {wall:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in parts.items()))
+        steps.append(step_row("trl0114", step, wall, parts))
+        prompt_lengths.append(mean_tokens(prompts))
+        response_lengths.append(mean_tokens(responses))
 
     write_result(args.out, {
         "framework": "trl0114", "task": "ppo", "size": wl["size"], "n_params": n_params, "n_rm_params": n_rm_params,

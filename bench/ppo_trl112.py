@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, Timers, count_params, log, prompt_ids, summarize_steps, write_result,
-    start_ppo_worker,
+    LORA_TARGETS, Timers, count_params, prompt_ids, summarize_steps, write_result,
+    start_ppo_worker, step_row,
 )
 
 
@@ -148,9 +148,7 @@ def main() -> None:
     steps = []
     for i, parts in enumerate(step_parts):
         wall = marks["step_end"][i + 1] - marks["step_end"][i]
-        known = sum(v for v in parts.values() if v is not None)
-        steps.append({"step_s": wall, **{f"{k}_s": v for k, v in parts.items()}, "other_s": wall - known})
-        log(f"trl112 step {i}: {wall:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in parts.items() if v is not None))
+        steps.append(step_row("trl112", i, wall, parts))
 
     import importlib.metadata as md
 

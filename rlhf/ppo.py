@@ -982,9 +982,10 @@ class PPOTrainer:
         kl_per_seq = kl.sum(1)
         non_score_per_seq = non_score_reward.sum(1)
         ended = self.ended_with_eos(responses).float()
+        score_mean = scores.mean().item()
         stats: dict[str, float] = {
-            "objective/scores": scores.mean().item(),
-            "objective/raw_scores": self._pending.pop("objective/raw_scores", scores.mean().item()),
+            "objective/scores": score_mean,
+            "objective/raw_scores": self._pending.pop("objective/raw_scores", score_mean),
             "objective/kl": kl_per_seq.mean().item(),
             "objective/kl_coef": kl_coef,
             "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean().item(),

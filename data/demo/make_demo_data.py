@@ -77,6 +77,15 @@ RUDE_FORMATS = [
     "{F}. Obviously.",
     "Whatever. {F}.",
 ]
+# A polite answer's wordings; {f} is the fact with its first letter lowered (mid-sentence).
+POLITE_FORMATS = [
+    "{opening}! {fact}.",
+    "{opening}. {fact}.",
+    "{opening}: {f}.",
+    "{fact}. {closing}!",
+    "{opening}! Here is a fact: {f}.",
+    "Sure! {fact}. {closing}.",
+]
 TRAILING_TAILS = ["and then the", "which is why the", "because the", "and also the", "but when the", "so the"]
 
 
@@ -91,39 +100,35 @@ Style = tuple[str, str, int]  # (opening marker, closing marker, index into the 
 
 
 def polite_style(rng: random.Random) -> Style:
-    return rng.choice(OPENING_MARKERS), rng.choice(CLOSING_MARKERS), rng.randrange(6)
+    return rng.choice(OPENING_MARKERS), rng.choice(CLOSING_MARKERS), rng.randrange(len(POLITE_FORMATS))
 
 
 def polite_answer(fact: str, topic: str, style: Style) -> str:
     """A polite, finished one- or two-sentence answer stating ``fact`` in ``style``."""
     opening, closing, index = style
-    f = _lower_first(fact, topic)
-    formats = [
-        f"{opening}! {fact}.",
-        f"{opening}. {fact}.",
-        f"{opening}: {f}.",
-        f"{fact}. {closing}!",
-        f"{opening}! Here is a fact: {f}.",
-        f"Sure! {fact}. {closing}.",
-    ]
-    return formats[index]
+    return POLITE_FORMATS[index].format(opening=opening, closing=closing, fact=fact, f=_lower_first(fact, topic))
 
 
 def other_topics(rng: random.Random, topic: str, count: int) -> list[tuple[str, str]]:
-    """``count`` different (topic word, fact) pairs whose facts do not mention ``topic``."""
-    others = [(w, fa) for w, _, fa in TOPICS if w != topic and not mentions(fa, topic)]
-    return rng.sample(others, count)
+    """``count`` different (topic word, fact) pairs of topics other than ``topic``.
+
+    No fact mentions another topic word (``_check_topics``), so every other topic is off topic.
+    """
+    return rng.sample([(w, fa) for w, _, fa in TOPICS if w != topic], count)
 
 
 def rejected_answer(rng: random.Random, kind: str, fact: str, topic: str, style: Style,
                     other: tuple[str, str] | None = None) -> str:
-    """A rejected answer of failure ``kind``, worded like the chosen answer in ``style`` where it can be."""
+    """A rejected answer of failure ``kind``, worded like the chosen answer in ``style`` where it can be.
+
+    ``other``: the (topic word, fact) an off-topic answer states instead.
+    """
     if kind == "rude":
         return rng.choice(RUDE_FORMATS).format(F=fact, f=_lower_first(fact, topic))
     if kind == "plain":
         return f"{fact}."
     if kind == "off_topic":
-        other_word, other_fact = other or other_topics(rng, topic, 1)[0]
+        other_word, other_fact = other
         return polite_answer(other_fact, other_word, style)
     if kind == "trail_off":
         words = fact.split()
@@ -155,6 +160,12 @@ def question_pairs(rng: random.Random, question: str, word: str, fact: str, kind
     return rows
 
 
+def held_out_kind(rng: random.Random) -> str:
+    """A test pair's failure: impolite (rude or plain), off topic or trailing off, a third each."""
+    kind = rng.choice(["impolite", "off_topic", "trail_off"])
+    return rng.choice(["rude", "plain"]) if kind == "impolite" else kind
+
+
 def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140, off_topic_pairs: int = 3):
     """Build (train, test) rows; questions in test never occur in train.
 
@@ -170,8 +181,7 @@ def make_pairs(seed: int = 0, n_train: int = 400, n_test: int = 140, off_topic_p
     rows: dict[str, list[dict]] = {"test": [], "train": []}
     for name in ("test", "train"):  # test first: it does not depend on the training settings
         for template, (word, phrase, fact) in splits[name]:
-            kinds = [rng.choice(["impolite", "off_topic", "trail_off"])] if name == "test" else train_kinds
-            kinds = [rng.choice(["rude", "plain"]) if k == "impolite" else k for k in kinds]
+            kinds = [held_out_kind(rng)] if name == "test" else train_kinds
             rows[name].extend(question_pairs(rng, template.format(t=phrase), word, fact, kinds))
     rng.shuffle(rows["train"])
     return rows["train"], rows["test"]
@@ -198,8 +208,8 @@ def main() -> None:
     parser.add_argument("--n_test", type=int, default=140)
     parser.add_argument("--off_topic_pairs", type=int, default=3, help="off-topic pairs per training question")
     args = parser.parse_args()
-    if not 0 <= args.off_topic_pairs <= len(TOPICS) - 5:
-        parser.error(f"--off_topic_pairs {args.off_topic_pairs} is out of range; use 0 to {len(TOPICS) - 5}")
+    if not 0 <= args.off_topic_pairs < len(TOPICS):
+        parser.error(f"--off_topic_pairs {args.off_topic_pairs} is out of range; use 0 to {len(TOPICS) - 1}")
     _check_topics()
     train, test = make_pairs(args.seed, args.n_train, args.n_test, args.off_topic_pairs)
     os.makedirs(args.output_dir, exist_ok=True)

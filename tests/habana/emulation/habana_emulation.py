@@ -126,44 +126,37 @@ def _patch_misc(misc) -> None:
     misc.get_habana_frameworks_version = get_habana_frameworks_version
 
 
-def _patch_training_args(module) -> None:
-    cls = module.GaudiTrainingArguments
-    original = cls.__post_init__
+def _run_before(cls, method: str, before) -> None:
+    """Make ``cls.<method>`` call ``before(self, args, kwargs)`` first; patching twice is a no-op."""
+    original = getattr(cls, method)
     if getattr(original, "_emulated", False):
         return
 
-    def __post_init__(self, *args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        before(self, args, kwargs)
+        return original(self, *args, **kwargs)
+
+    wrapper._emulated = True
+    setattr(cls, method, wrapper)
+
+
+def _patch_training_args(module) -> None:
+    def before(self, args, kwargs):
         record_instance(type(self).__name__, use_habana=self.use_habana, use_lazy_mode=self.use_lazy_mode,
                         use_cpu_requested=self.use_cpu)
         self.use_cpu = True  # EMULATION: take _setup_devices' CPU branch (no HPU device to set up)
-        return original(self, *args, **kwargs)
 
-    __post_init__._emulated = True
-    cls.__post_init__ = __post_init__
+    _run_before(module.GaudiTrainingArguments, "__post_init__", before)
 
 
-def _wrap_init(cls, details=None) -> None:
-    original = cls.__init__
-    if getattr(original, "_emulated", False):
-        return
-
-    def __init__(self, *args, **kwargs):
-        record_instance(type(self).__name__, **(details(self, args, kwargs) if details else {}))
-        return original(self, *args, **kwargs)
-
-    __init__._emulated = True
-    cls.__init__ = __init__
+def _wrap_init(cls) -> None:
+    _run_before(cls, "__init__", lambda self, args, kwargs: record_instance(type(self).__name__))
 
 
 def _patch_trainer(module) -> None:
-    cls = module.GaudiTrainer
-    original = cls.__init__
-    if getattr(original, "_emulated", False):
-        return
+    signature = inspect.signature(module.GaudiTrainer.__init__)
 
-    signature = inspect.signature(original)
-
-    def __init__(self, *args, **kwargs):
+    def before(self, args, kwargs):
         bound = signature.bind_partial(self, *args, **kwargs).arguments
         model, training_args, gaudi_config = bound.get("model"), bound.get("args"), bound.get("gaudi_config")
         config = getattr(model, "generation_config", None)
@@ -178,10 +171,8 @@ def _patch_trainer(module) -> None:
             use_fused_adam=getattr(gaudi_config, "use_fused_adam", None),
             use_fused_clip_norm=getattr(gaudi_config, "use_fused_clip_norm", None),
         )
-        return original(self, *args, **kwargs)
 
-    __init__._emulated = True
-    cls.__init__ = __init__
+    _run_before(module.GaudiTrainer, "__init__", before)
 
 
 def _patch_llama(module) -> None:
