@@ -51,9 +51,10 @@ from rlhf.training import (
     check_training_args,
     evaluate_and_save,
     reliable_trainer_class,
-    resolve_resume,
+    resolve_trainer_resume,
     setup_logging,
     train_and_save,
+    trainer_run_finished,
 )
 
 logger = logging.getLogger("rlhf")
@@ -112,7 +113,7 @@ def main() -> None:
     lora_args.check()
     check_training_args(training_args)
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
-    resume = resolve_resume(training_args)
+    resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
     if not (training_args.do_train or training_args.do_eval):
         raise UserError("nothing to do; pass --do_train and/or --do_eval")
@@ -162,6 +163,8 @@ def main() -> None:
         **backend.trainer_kwargs(training_args),
         skip_nonfinite_batches=run_args.skip_nonfinite_batches,
     )
+    if training_args.do_train and trainer_run_finished(trainer, resume):
+        return  # resumed at the end of a finished run: change nothing
     if training_args.do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
     if training_args.do_eval or (eval_set is not None and training_args.do_train):

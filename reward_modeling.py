@@ -72,9 +72,10 @@ from rlhf.training import (
     check_training_args,
     evaluate_and_save,
     reliable_trainer_class,
-    resolve_resume,
+    resolve_trainer_resume,
     setup_logging,
     train_and_save,
+    trainer_run_finished,
 )
 
 logger = logging.getLogger("rlhf")
@@ -131,7 +132,7 @@ def main() -> None:
     check_training_args(training_args)
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     do_train = not rm_args.eval_only
-    resume = resolve_resume(training_args) if do_train else None
+    resume = resolve_trainer_resume(training_args) if do_train else None
     if do_train:
         check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
     prepare_reward_training_args(training_args)
@@ -187,6 +188,8 @@ def main() -> None:
         processing_class=tokenizer, compute_metrics=reward_metrics, **backend.trainer_kwargs(training_args),
         skip_nonfinite_batches=run_args.skip_nonfinite_batches,
     )
+    if do_train and trainer_run_finished(trainer, resume):
+        return  # resumed at the end of a finished run: change nothing
     if do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
         stats_set = train_set

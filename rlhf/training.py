@@ -8,11 +8,20 @@ and the reliability layer every stage's trainer class gets through ``reliable_tr
   ``--resume_from_checkpoint true`` takes the newest complete one (``rlhf.checkpoint``);
 - SIGTERM / SIGINT finish the current step, write a checkpoint and stop; ``train_and_save`` then
   raises ``Interrupted`` (exit 128 + signal) instead of saving the model as if training finished;
+- resuming a run that already finished (its checkpoint at the planned last step, its final outputs
+  written) changes nothing: one "Run already finished at step N" line, exit 0 (``trainer_run_finished``);
+  a run stopped after its last checkpoint but before the final save saves that checkpoint's model
+  without training a step more;
 - a non-finite training loss stops the run (``TrainingDiverged``, exit 3) naming the step, or with
   ``--skip_nonfinite_batches`` drops that batch's gradients; a checkpoint is never written from
   non-finite weights, so the last one on disk is a good one.
 
 ``finetune_clm.py`` and ``reward_modeling.py`` stay linear and say the same things.
+
+Stage-agnostic pieces (no TrainingArguments needed, for the PPO loop as well): ``resolve_resume(value,
+output_dir, required=(), flag=...)``, ``check_output_dir(output_dir, overwrite, resuming)``,
+``already_finished(resumed_step, total_steps)`` and ``StopOnSignal`` (``install``/``restore`` or
+``with``, then read ``signal_number``).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
 
 from rlhf.checkpoint import COMPLETE_MARKER, is_complete, latest_checkpoint, mark_complete, prune_checkpoints
 from rlhf.errors import Interrupted, TrainingDiverged, UserError
@@ -32,6 +43,8 @@ from rlhf.plotting import plot_trainer_history
 logger = logging.getLogger("rlhf")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+TRAINER_STATE_FILE = "trainer_state.json"  # in each Trainer checkpoint
+FINAL_RESULTS_FILE = "train_results.json"  # in output_dir, written once the final model is saved
 
 
 @dataclass
@@ -70,30 +83,89 @@ def check_training_args(training_args) -> None:
         raise UserError(f"--max_grad_norm {training_args.max_grad_norm} must be >= 0 (0 turns clipping off)")
 
 
-def resolve_resume(training_args) -> str | None:
-    """`--resume_from_checkpoint` as a path; `true` means the newest complete checkpoint in output_dir."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "none", ""):
+def resume_requested(value) -> bool:
+    """Whether a ``--resume_from_checkpoint`` value asks for a resume (unset/false/none/"" do not)."""
+    return value is not None and value is not False and str(value).lower() not in ("false", "none", "")
+
+
+def resolve_resume(
+    value, output_dir: str | Path, *, required: Sequence[str] = (), flag: str = "--resume_from_checkpoint"
+) -> Path | None:
+    """The checkpoint a ``--resume_from_checkpoint`` value names, for any stage; None when it is off.
+
+    ``true`` takes the newest complete ``checkpoint-*`` in ``output_dir`` (incomplete ones are skipped
+    with a warning); a path must be a complete checkpoint (``COMPLETE`` marker) holding every file in
+    ``required`` (e.g. the PPO state file). Anything else is a ``UserError`` naming the fix."""
+    if not resume_requested(value):
         return None
-    if str(value).lower() == "true":
-        output_dir = Path(training_args.output_dir)
+    if value is True or str(value).lower() == "true":
         last = latest_checkpoint(output_dir)
         if last is None:
             raise UserError(
-                f"--resume_from_checkpoint true but {output_dir} has no complete checkpoint-* folder; "
-                "drop the flag to start fresh"
+                f"{flag} true but {output_dir} has no complete checkpoint-* folder; drop the flag to start fresh"
             )
         logger.info("Resuming from %s", last)
-        return str(last)
+        return last
     path = Path(value)
     if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {value}: no such checkpoint directory; check the path")
+        raise UserError(f"{flag} {value}: no such checkpoint directory; check the path")
     if not is_complete(path):
         raise UserError(
-            f"--resume_from_checkpoint {value}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run "
-            "stopped while saving it); pass an earlier checkpoint or --resume_from_checkpoint true"
+            f"{flag} {value}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run "
+            f"stopped while saving it); pass an earlier checkpoint or {flag} true"
         )
-    return str(path)
+    missing = [name for name in required if not (path / name).exists()]
+    if missing:
+        raise UserError(f"{flag} {value}: not a checkpoint of this stage (no {', '.join(missing)}); check the path")
+    return path
+
+
+def resolve_trainer_resume(training_args) -> str | None:
+    """``resolve_resume`` for the Trainer stages: from TrainingArguments, as the str ``trainer.train`` takes."""
+    found = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    return str(found) if found is not None else None
+
+
+def already_finished(resumed_step: int | None, total_steps: int) -> bool:
+    """True (and says so in one line) when the resumed checkpoint is at or past the run's last step.
+
+    Any stage: the caller then exits 0 without training, saving or evaluating."""
+    if resumed_step is None or resumed_step < total_steps:
+        return False
+    logger.info("Run already finished at step %d (of %d planned); nothing to do", resumed_step, total_steps)
+    return True
+
+
+def checkpoint_global_step(checkpoint: str | Path) -> int | None:
+    """``global_step`` recorded in a Trainer checkpoint's ``trainer_state.json`` (None if unreadable)."""
+    import json
+
+    path = Path(checkpoint) / TRAINER_STATE_FILE
+    try:
+        return int(json.loads(path.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def planned_trainer_steps(trainer) -> int:
+    """The optimizer steps ``trainer.train()`` runs in total under the current flags, computed as the
+    Trainer does: ``--max_steps`` if set, else epochs x ceil(batches per epoch / accumulation)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def trainer_run_finished(trainer, resume: str | None) -> bool:
+    """A Trainer stage resumed from a checkpoint at the run's last step whose final outputs are written
+    (``train_results.json``, saved after the model): True after logging "run already finished"."""
+    if resume is None:
+        return False
+    if not (Path(trainer.args.output_dir) / FINAL_RESULTS_FILE).is_file():
+        return False  # stopped before the final save: let training finish the run
+    return already_finished(checkpoint_global_step(resume), planned_trainer_steps(trainer))
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
@@ -113,12 +185,14 @@ def check_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> None:
 
 
 class StopOnSignal:
-    """A TrainerCallback: on SIGTERM/SIGINT let the current step finish, save a checkpoint and stop.
+    """On SIGTERM/SIGINT: remember the signal so the current step can finish, a checkpoint be written
+    and the run stop. A second signal while waiting stops at once with the default action.
 
-    Handlers are installed at ``on_train_begin`` and the previous ones restored at ``on_train_end``
-    (or ``restore()``). A second signal while waiting stops at once with the default action.
-    Subclasses transformers' ``TrainerCallback`` lazily (``make_stop_callback``) so this module
-    imports without transformers.
+    Any stage's loop: ``install()`` (or ``with StopOnSignal() as stop:``), check ``stop.signal_number``
+    (None until a signal came) after each step, ``restore()`` the previous handlers at the end.
+    As a Trainer callback (``make_stop_callback``, which subclasses ``TrainerCallback`` lazily so this
+    module imports without transformers) it installs at ``on_train_begin``, sets ``should_save`` and
+    ``should_training_stop`` at the next step end and restores at ``on_train_end``.
     """
 
     def __init__(self):
@@ -146,6 +220,13 @@ class StopOnSignal:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        self.install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
 
     # TrainerCallback hooks
     def on_train_begin(self, args, state, control, **kwargs):
@@ -256,11 +337,19 @@ def train_and_save(trainer, training_args, resume: str | None, num_train_samples
 
     Stopped by a signal: nothing is saved as final; raises ``Interrupted`` naming the checkpoint."""
     stop = getattr(trainer, "stop_callback", None)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        if stop is not None:
-            stop.restore()
+    resumed_step = checkpoint_global_step(resume) if resume is not None else None
+    if resumed_step is not None and resumed_step >= planned_trainer_steps(trainer):
+        # Stopped after its last checkpoint but before the final save: training again would add a step.
+        logger.info("Checkpoint %s is at the run's last step %d; saving the final model from it without training",
+                    resume, resumed_step)
+        metrics = load_finished_checkpoint(trainer, resume)
+        result = SimpleNamespace(metrics=metrics)
+    else:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            if stop is not None:
+                stop.restore()
     if stop is not None and stop.signal_number is not None:
         checkpoint = Path(training_args.output_dir) / f"checkpoint-{trainer.state.global_step}"
         raise Interrupted(
@@ -282,6 +371,20 @@ def train_and_save(trainer, training_args, resume: str | None, num_train_samples
         plot = plot_trainer_history(trainer.state.log_history, training_args.output_dir, extra_keys=("eval_accuracy",))
         if plot:
             logger.info("Training curves: %s", plot)
+    return metrics
+
+
+def load_finished_checkpoint(trainer, checkpoint: str) -> dict:
+    """Put a last-step checkpoint's weights and state into ``trainer`` (no training); returns the
+    train metrics the run had logged (the final summary is only logged after the last checkpoint)."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_FILE))
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    metrics = {"epoch": trainer.state.epoch or 0.0}
+    if losses:
+        metrics["train_loss"] = sum(losses) / len(losses)
     return metrics
 
 

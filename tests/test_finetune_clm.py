@@ -207,3 +207,55 @@ def test_non_empty_output_dir_is_left_alone(tiny_model_dir, tmp_path, monkeypatc
     assert_in_process_user_error(code, err, "--overwrite_output_dir")
     assert sorted(p.name for p in out.iterdir()) == ["previous_run.txt"]
     assert keep.read_text() == "do not touch" and keep.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------- resuming a finished run
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder``: (mtime in ns, content)."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The issue's case: run to the end, then the same command plus --resume_from_checkpoint true
+    used to train step max_steps + 1, write checkpoint-<max+1> and overwrite the finished model."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((REPO / TRAIN).read_text().splitlines(keepends=True)[:16]))
+    out = tmp_path / "sft"
+    command = ["--model_name_or_path", tiny_model_dir, "--train_file", str(data), "--output_dir", str(out),
+               "--do_train", "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2",
+               "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"]
+    code, err = run_in_process(monkeypatch, capsys, *command)
+    assert code == 0, err
+    before = snapshot(out)
+    assert {"checkpoint-4/COMPLETE", "adapter_model.safetensors", "train_results.json"} <= set(before)
+
+    code, err = run_in_process(monkeypatch, capsys, *command, "--resume_from_checkpoint", "true")
+    assert code == 0, err
+    assert snapshot(out) == before  # same files, same contents, same modification times
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # Not finished under a longer --max_steps: the same checkpoint resumes and trains on to the new end.
+    code, err = run_in_process(monkeypatch, capsys, *command, "--max_steps", "6", "--resume_from_checkpoint", "true")
+    assert code == 0, err
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    assert (out / "checkpoint-6").is_dir() and not (out / "checkpoint-7").exists()
+
+
+def test_resuming_a_finished_run_says_so(tiny_model_dir, tmp_path):
+    """As a user sees it: exit 0 and one clear line (a subprocess, so the log goes where users look)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((REPO / TRAIN).read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "sft"
+    command = ["--model_name_or_path", tiny_model_dir, "--train_file", str(data), "--output_dir", str(out),
+               "--do_train", "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2",
+               "--report_to", "none", "--disable_tqdm", "true"]
+    assert_ok(run(*command))
+    before = snapshot(out)
+    result = run(*command, "--resume_from_checkpoint", "true")
+    assert_ok(result)
+    assert "Run already finished at step 2 (of 2 planned); nothing to do" in result.stdout
+    assert "Running training" not in result.stdout + result.stderr
+    assert snapshot(out) == before

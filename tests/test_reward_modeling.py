@@ -188,6 +188,31 @@ def test_resume_from_checkpoint(tiny_dir, tmp_path, monkeypatch):
     assert state["global_step"] == 3
 
 
+def test_resuming_a_finished_run_changes_nothing(tiny_dir, tmp_path, monkeypatch, caplog):
+    """Epoch-based (no --max_steps): the planned step count comes from the data, as the Trainer counts it."""
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows(16))
+    output = tmp_path / "out"
+    common = [
+        "--model_name_or_path", tiny_dir, "--train_file", train, "--output_dir", str(output),
+        "--validation_split_percentage", "25", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "2",
+        "--reward_stats_samples", "4",
+    ]
+    assert run_main(monkeypatch, common) == 0  # 12 training pairs / 4 = 3 steps
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+    before = {str(p.relative_to(output)): (p.stat().st_mtime_ns, p.read_bytes())
+              for p in sorted(output.rglob("*")) if p.is_file()}
+    assert "checkpoint-3/COMPLETE" in before and "model.safetensors" in before
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rlhf"):
+        assert run_main(monkeypatch, [*common, "--resume_from_checkpoint", "true"]) == 0
+    assert "Run already finished at step 3 (of 3 planned); nothing to do" in caplog.text
+    after = {str(p.relative_to(output)): (p.stat().st_mtime_ns, p.read_bytes())
+             for p in sorted(output.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

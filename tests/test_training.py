@@ -19,11 +19,15 @@ from rlhf.errors import Interrupted, TrainingDiverged, UserError
 from rlhf.training import (
     ReliableTrainerMixin,
     StopOnSignal,
+    already_finished,
     check_output_dir,
     check_training_args,
+    planned_trainer_steps,
     reliable_trainer_class,
     resolve_resume,
+    resolve_trainer_resume,
     train_and_save,
+    trainer_run_finished,
 )
 
 
@@ -43,34 +47,55 @@ def resume_args(output_dir, value):
 
 
 def test_resolve_resume_off(tmp_path):
-    for value in (None, "false", "False", "none", ""):
-        assert resolve_resume(resume_args(tmp_path, value)) is None
+    for value in (None, False, "false", "False", "none", ""):
+        assert resolve_resume(value, tmp_path) is None
+        assert resolve_trainer_resume(resume_args(tmp_path, value)) is None
 
 
 def test_resolve_resume_true_takes_newest_complete(tmp_path, caplog):
     make_checkpoint(tmp_path, 2)
     make_checkpoint(tmp_path, 4, complete=False)  # killed while saving
     with caplog.at_level(logging.WARNING, logger="rlhf"):
-        assert resolve_resume(resume_args(tmp_path, "true")) == str(tmp_path / "checkpoint-2")
+        assert resolve_resume("true", tmp_path) == tmp_path / "checkpoint-2"
     assert "checkpoint-4" in caplog.text and "incomplete" in caplog.text.lower()
+    assert resolve_resume(True, str(tmp_path)) == tmp_path / "checkpoint-2"
+    assert resolve_trainer_resume(resume_args(tmp_path, "True")) == str(tmp_path / "checkpoint-2")
 
 
 def test_resolve_resume_true_without_checkpoint_is_user_error(tmp_path):
     make_checkpoint(tmp_path, 4, complete=False)
     with pytest.raises(UserError, match="no complete checkpoint"):
-        resolve_resume(resume_args(tmp_path, "true"))
+        resolve_resume("true", tmp_path)
     with pytest.raises(UserError):
-        resolve_resume(resume_args(tmp_path / "missing", "True"))
+        resolve_trainer_resume(resume_args(tmp_path / "missing", "True"))
+    with pytest.raises(UserError, match="^--resume true but"):
+        resolve_resume("true", tmp_path / "missing", flag="--resume")  # the stage's own flag name
 
 
 def test_resolve_resume_explicit_paths(tmp_path):
     good = make_checkpoint(tmp_path, 2)
     bad = make_checkpoint(tmp_path, 4, complete=False)
-    assert resolve_resume(resume_args(tmp_path, str(good))) == str(good)
+    assert resolve_resume(str(good), tmp_path) == good
+    assert resolve_trainer_resume(resume_args(tmp_path, str(good))) == str(good)
     with pytest.raises(UserError, match="incomplete"):
-        resolve_resume(resume_args(tmp_path, str(bad)))
+        resolve_resume(str(bad), tmp_path)
     with pytest.raises(UserError, match="no such checkpoint"):
-        resolve_resume(resume_args(tmp_path, str(tmp_path / "checkpoint-9")))
+        resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
+    with pytest.raises(UserError, match=r"not a checkpoint of this stage \(no ppo_state.pt\)"):
+        resolve_resume(str(good), tmp_path, required=("ppo_state.pt",))
+    (good / "ppo_state.pt").write_bytes(b"")
+    assert resolve_resume(str(good), tmp_path, required=("ppo_state.pt",)) == good
+
+
+def test_already_finished_says_so_once(caplog):
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        assert not already_finished(None, 10)
+        assert not already_finished(9, 10)
+        assert not caplog.text
+        assert already_finished(10, 10) and already_finished(12, 10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "Run already finished at step 10 (of 10 planned); nothing to do"
+    assert len(lines) == 2
 
 
 def test_check_output_dir(tmp_path):
@@ -120,6 +145,34 @@ def test_stop_on_signal_sets_save_and_stop_and_restores_handlers():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_stop_on_signal_outside_a_trainer_and_second_signal_kills(tmp_path):
+    """A plain loop (PPO) uses install/restore or ``with``; a second signal ends the process with the
+    default action (killed by SIGTERM, not a Python exception)."""
+    previous = signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        assert stop.signal_number is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_number == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) == previous
+    script = (
+        "import os, signal\n"
+        "from rlhf.training import StopOnSignal\n"
+        "stop = StopOnSignal(); stop.install()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('first', stop.signal_number, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('survived', flush=True)\n"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGTERM, result.stderr
+    assert result.stdout.split() == ["first", str(int(signal.SIGTERM))]
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------- the mixin on a toy Trainer run
@@ -274,3 +327,44 @@ def test_train_and_save_after_signal_raises_interrupted_without_final_save(tmp_p
     assert signal.getsignal(signal.SIGTERM) is not trainer.stop_callback._handle  # handlers restored
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+# ---------------------------------------------------------------- resuming a finished run
+
+
+def test_planned_trainer_steps_follows_max_steps_or_epochs(tmp_path):
+    assert planned_trainer_steps(toy_trainer(tmp_path, max_steps=7)) == 7
+    # 16 rows / batch 4 = 4 batches; accumulation 3 -> 2 updates per epoch; 1.5 epochs -> 3
+    trainer = toy_trainer(tmp_path, max_steps=-1, num_train_epochs=1.5, gradient_accumulation_steps=3)
+    assert planned_trainer_steps(trainer) == 3
+    trainer.train()
+    assert trainer.state.global_step == 3  # the Trainer agrees
+
+
+def test_trainer_run_finished_needs_last_step_and_final_outputs(tmp_path, caplog):
+    toy_trainer(tmp_path, max_steps=4, save_steps=2).train()
+    out = tmp_path / "out"
+    last, middle = str(out / "checkpoint-4"), str(out / "checkpoint-2")
+    assert not trainer_run_finished(toy_trainer(tmp_path, max_steps=4), None)
+    assert not trainer_run_finished(toy_trainer(tmp_path, max_steps=4), last)  # final save never happened
+    (out / "train_results.json").write_text("{}")
+    assert not trainer_run_finished(toy_trainer(tmp_path, max_steps=4), middle)
+    assert not trainer_run_finished(toy_trainer(tmp_path, max_steps=6), last)  # a longer run continues
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        assert trainer_run_finished(toy_trainer(tmp_path, max_steps=4), last)
+    assert "Run already finished at step 4 (of 4 planned); nothing to do" in caplog.text
+
+
+def test_train_and_save_from_last_checkpoint_saves_without_training(tmp_path):
+    """Stopped after the last checkpoint, before the final save: resuming saves that checkpoint's model
+    and trains no step more (before, the Trainer ran step max_steps + 1)."""
+    toy_trainer(tmp_path, max_steps=4, save_steps=2).train()
+    out = tmp_path / "out"
+    trainer = toy_trainer(tmp_path, max_steps=4, save_steps=2)
+    tokenizer = SimpleNamespace(save_pretrained=lambda *_: None)
+    metrics = train_and_save(trainer, trainer.args, str(out / "checkpoint-4"), 16, tokenizer)
+    assert trainer.state.global_step == 4 and trainer.model.calls == 0  # no forward pass at all
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert torch.equal(toy_weights(out), toy_weights(out / "checkpoint-4"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+    assert metrics["train_samples"] == 16 and metrics["train_loss"] > 0
