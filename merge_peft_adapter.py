@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rlhf.arguments import parse_stage_args
 from rlhf.errors import UserError, run_cli
-from rlhf.modeling import check_model_path, load_tokenizer
+from rlhf.modeling import check_model_path, load_tokenizer, merge_lora
 
 logger = logging.getLogger("rlhf")
 
@@ -57,7 +57,7 @@ def merge(adapter_dir: str, base_name: str, task_type: str, trust_remote_code: b
     kwargs = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
     base = auto_class.from_pretrained(base_name, trust_remote_code=trust_remote_code, **kwargs)
     model = PeftModel.from_pretrained(base, adapter_dir)
-    return model.merge_and_unload()
+    return merge_lora(model)
 
 
 def main() -> None:

@@ -135,6 +135,17 @@ def load_sequence_classifier(name: str, tokenizer, dtype=None, **kwargs):
     return model
 
 
+def merge_lora(model):
+    """The plain transformers model of a ``PeftModel``: its LoRA weights merged in and the wrappers
+    removed (``modules_to_save`` copies, e.g. a reward model's trained score head, kept); any other
+    model is returned as it is. The one place the stages merge an adapter."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
 def position_ids_from_mask(attention_mask):
     """0, 1, 2, ... over the real tokens whatever the padding side (pads get 0), as ``generate`` counts."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -17,6 +17,8 @@ API (used by ``reward_modeling.py`` and by PPO):
 - ``tokenize_text(tokenizer, text)`` / ``tokenize_pair(...)`` / ``tokenize_pairs(...)``: prompt+answer
   token ids (special tokens added unless the text already starts with BOS, e.g. a chat template),
   over-long pairs truncated (keeping the end: the reward is read at the last token) or dropped.
+- ``pad_sequences(sequences, pad_id, side="right", pad_to=None, device=None)``: the one padding helper
+  (left or right, ``input_ids`` + ``attention_mask``), also used by PPO.
 - ``RewardPairCollator(tokenizer, pad_to=None)``: pads chosen and rejected into ONE batch of 2B rows
   (chosen rows first), plus ``margin`` when present.
 - ``reward_metrics(eval_pred)``: accuracy, mean margin, chosen/rejected means, score mean/std.
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.errors import UserError
-from rlhf.modeling import position_ids_from_mask
+from rlhf.modeling import merge_lora, position_ids_from_mask
 
 logger = logging.getLogger("rlhf")
 
@@ -204,21 +206,32 @@ class RewardPairCollator:
         return batch
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", pad_to: int | None = None):
-    """``input_ids`` and ``attention_mask`` (N, T): T the longest sequence, or ``pad_to``."""
-    length = max((len(s) for s in sequences), default=0)
+def pad_sequences(
+    sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, side: str = "right", pad_to: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """The one padding helper (reward pairs, reward scoring, PPO prompts and responses).
+
+    ``input_ids`` and ``attention_mask`` (N, T), long, on ``device`` (default CPU): T the longest
+    sequence, or ``pad_to`` (static shapes; a longer sequence is a ValueError). ``side="left"`` puts
+    the pads first (prompts for generation), ``"right"`` after (responses, training pairs); the mask
+    is 1 on real tokens, so a row may be empty. Sequences are lists of ids or 1-D tensors."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
+    rows = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in sequences]
+    length = max((row.numel() for row in rows), default=0)
     if pad_to is not None:
         if length > pad_to:
             raise ValueError(f"a sequence of {length} tokens is longer than pad_to={pad_to}")
         length = pad_to
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        if not len(ids):
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        if not row.numel():
             continue
-        span = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
-        input_ids[row, span] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[row, span] = 1
+        span = slice(length - row.numel(), length) if side == "left" else slice(0, row.numel())
+        input_ids[index, span] = row.to(input_ids.device)
+        attention_mask[index, span] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -375,13 +388,6 @@ class RewardScorer:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def merged_model(model):
-    """The plain transformers model: LoRA merged into the weights (score head kept), or the model itself."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
-
-
 def save_reward_model(model, tokenizer, output_dir: str, mean: float | None, std: float | None) -> None:
     """Write the merged model (safetensors) + tokenizer, with the reward statistics in its config.
 
@@ -390,7 +396,7 @@ def save_reward_model(model, tokenizer, output_dir: str, mean: float | None, std
     """
     from pathlib import Path
 
-    model = merged_model(model)
+    model = merge_lora(model)
     if mean is not None and std is not None:
         store_reward_stats(model.config, mean, std)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -285,3 +285,37 @@ def test_reward_trainer_loss_and_prediction_step(classifier, tokenizer, tmp_path
     torch.testing.assert_close(predictions[:, 0], scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(predictions[:, 1], scores.roll(-1), atol=1e-5, rtol=0)
     assert trainer.prediction_step(classifier, batch, prediction_loss_only=True)[1] is None
+
+
+# ---------------------------------------------------------------- the one padding helper
+
+
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_pad_sequences_left_and_right_with_mask(as_tensors):
+    rows = [[5, 6, 7], [8], []]
+    if as_tensors:
+        rows = [torch.tensor(r, dtype=torch.long) for r in rows]
+    right = pad_sequences(rows, 0, "right")
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    left = pad_sequences(rows, 9, "left", pad_to=4)
+    assert left["input_ids"].tolist() == [[9, 5, 6, 7], [9, 9, 9, 8], [9, 9, 9, 9]]
+    assert left["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert left["input_ids"].dtype == left["attention_mask"].dtype == torch.long
+
+
+def test_pad_sequences_pad_id_inside_a_row_stays_real():
+    """The mask comes from the lengths, not from comparing ids with the pad id (pad == eos)."""
+    batch = pad_sequences([[2, 4, 2], [2]], 2, "left")
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_pad_sequences_device_and_errors():
+    batch = pad_sequences([[1, 2]], 0, "right", pad_to=3, device="meta")
+    assert batch["input_ids"].device.type == "meta" and batch["attention_mask"].device.type == "meta"
+    with pytest.raises(ValueError, match="longer than pad_to=1"):
+        pad_sequences([[1, 2]], 0, "right", pad_to=1)
+    with pytest.raises(ValueError, match="side"):
+        pad_sequences([[1, 2]], 0, "middle")
+    empty = pad_sequences([], 0, "left")
+    assert empty["input_ids"].shape == (0, 0)
