@@ -112,6 +112,7 @@ def main() -> None:
     ft_args.check()
     lora_args.check()
     check_training_args(training_args)
+    backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
@@ -136,7 +137,7 @@ def main() -> None:
 
     set_seed(training_args.seed)  # the LoRA initialisation: the same adapter for the same --seed (and on resume)
     model = load_causal_lm(
-        model_path, dtype=backend.torch_dtype(training_args.bf16, training_args.fp16),
+        model_path, dtype=backend.trainer_model_dtype(training_args),
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, low_cpu_mem_usage=model_args.low_cpu_mem_usage,
     )

@@ -130,6 +130,7 @@ def main() -> None:
     rm_args.check()
     lora_args.check()
     check_training_args(training_args)
+    backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     do_train = not rm_args.eval_only
     resume = resolve_trainer_resume(training_args) if do_train else None
@@ -168,7 +169,7 @@ def main() -> None:
 
     set_seed(training_args.seed)  # the new score head's initialisation
     model = load_sequence_classifier(
-        model_path, tokenizer, dtype=backend.torch_dtype(training_args.bf16, training_args.fp16),
+        model_path, tokenizer, dtype=backend.trainer_model_dtype(training_args),
         trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, low_cpu_mem_usage=model_args.low_cpu_mem_usage,
     )

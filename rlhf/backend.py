@@ -4,6 +4,14 @@
 ``Backend``. Only an explicit request (``--use_habana`` or ``--device hpu``) or an HPU that Habana's
 software actually reports takes the Gaudi path; a CPU or CUDA machine that merely has optimum-habana
 installed gets transformers' ``Trainer`` and accelerate's ``Accelerator``.
+
+Precision, also decided here only: ``bf16_supported(device)`` says whether the hardware computes in
+bfloat16 natively (CPU: the ``avx512_bf16`` / ``amx_bf16`` flags, or ``bf16`` on Arm; CUDA:
+``torch.cuda.is_bf16_supported`` without emulation; HPU: always). ``Backend.check_precision`` refuses
+``--bf16`` where it is not (torch would emulate it, slower than fp32), ``--fp16`` on CPU, and both
+together, each with one line; ``Backend.torch_dtype`` (weights in the requested dtype, for code that
+runs its own loop, e.g. PPO) and ``Backend.trainer_model_dtype`` (fp32 master weights for a Trainer,
+which autocasts to bf16/fp16 itself) both call it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +29,7 @@ import torch
 
 from rlhf.errors import UserError
 
+logger = logging.getLogger("rlhf")
 DEVICES = ("auto", "cpu", "cuda", "hpu")
 HABANA_HELP = (
     "run inside Intel's Gaudi container (habana_frameworks present) after `make setup-habana`, "
@@ -72,6 +83,67 @@ def choose_device(device: str = "auto", use_habana: bool = False) -> str:
     return "cpu"
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 /proc/cpuinfo flags; Arm lists "bf16" under Features
+BF16_HELP = ("drop --bf16 to run in fp32 (or use a machine with bf16 units: a CPU with avx512_bf16/amx_bf16, "
+             "an Ampere or newer GPU, Gaudi)")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU feature flags from /proc/cpuinfo, or None where there is no such file (macOS, Windows)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has bfloat16 instructions (else torch emulates bf16 in fp32, slower than fp32)."""
+    flags = _cpu_flags()
+    if flags is not None:
+        return any(flag in flags for flag in CPU_BF16_FLAGS) or "bf16" in flags
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cuda_bf16_supported() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    check = torch.cuda.is_bf16_supported
+    if "including_emulation" in inspect.signature(check).parameters:
+        return bool(check(including_emulation=False))
+    return bool(check())
+
+
+def bf16_supported(device: str) -> bool:
+    """THE bf16 capability check: does ``device`` (cpu, cuda, hpu) compute in bfloat16 natively?
+
+    Every stage goes through ``Backend.check_precision``, which calls this; tests fake the hardware
+    by monkeypatching ``rlhf.backend.bf16_supported``.
+    """
+    if device == "hpu":
+        return True
+    if device == "cuda":
+        return cuda_bf16_supported()
+    if device == "cpu":
+        return cpu_bf16_supported()
+    raise ValueError(f"unknown device {device!r}")
+
+
+def bf16_unsupported_reason(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
+        return f"--bf16 was requested but {name} has no native bfloat16 support (torch would emulate it)"
+    return ("--bf16 was requested but this CPU has no bfloat16 instructions (no avx512_bf16 or amx_bf16 flag), "
+            "so bf16 would run as a slow emulation")
+
+
 @dataclass
 class Backend:
     device: str
@@ -82,15 +154,41 @@ class Backend:
     def is_gaudi(self) -> bool:
         return self.device == "hpu"
 
-    def torch_dtype(self, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+    def check_precision(self, bf16: bool = False, fp16: bool = False) -> None:
+        """Refuse, with one line, a precision this backend cannot run as asked (see the module docstring)."""
         if bf16 and fp16:
             raise UserError("--bf16 and --fp16 both set; pick one")
+        if fp16 and self.device == "cpu":
+            raise UserError("--fp16 is not supported on CPU (no fp16 autocast or loss scaling there); "
+                            "use --bf16 on a CPU with bf16 units, or drop --fp16 for fp32")
+        if bf16 and not bf16_supported(self.device):
+            raise UserError(f"{bf16_unsupported_reason(self.device)}; {BF16_HELP}")
+
+    def torch_dtype(self, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+        """Weights dtype for the requested precision, after ``check_precision``."""
+        self.check_precision(bf16, fp16)
         if bf16:
             return torch.bfloat16
         if fp16:
-            if self.device == "cpu":
-                raise UserError("--fp16 is not supported on CPU; use --bf16 or full precision")
             return torch.float16
+        return torch.float32
+
+    def check_training_precision(self, training_args: Any) -> None:
+        """``check_precision`` for a TrainingArguments' bf16/fp16 (full-eval variants included)."""
+        bf16 = bool(getattr(training_args, "bf16", False) or getattr(training_args, "bf16_full_eval", False))
+        fp16 = bool(getattr(training_args, "fp16", False) or getattr(training_args, "fp16_full_eval", False))
+        self.check_precision(bf16, fp16)
+
+    def trainer_model_dtype(self, training_args: Any) -> torch.dtype:
+        """Dtype to load a model in that a Trainer trains: fp32, after ``check_training_precision``.
+
+        The Trainer's ``--bf16``/``--fp16`` is mixed precision: it autocasts the forward pass, while
+        weights, gradients and optimizer states stay fp32 (bf16 weights would lose small updates).
+        """
+        self.check_training_precision(training_args)
+        if training_args.bf16 or training_args.fp16:
+            logger.info("Precision: %s autocast, fp32 weights and optimizer states",
+                        "bf16" if training_args.bf16 else "fp16")
         return torch.float32
 
     def trainer_classes(self) -> tuple[type, type]:

@@ -12,10 +12,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
 import transformers
+
+import rlhf.backend
 
 from rlhf.backend import Backend, BackendArguments, choose_device, hpu_is_available, resolve_backend
 from rlhf.errors import UserError
@@ -227,7 +230,8 @@ def test_habana_frameworks_reporting_an_hpu_takes_gaudi_path(fake_packages, monk
 # ---------------------------------------------------------------- dtype
 
 
-def test_dtype_selection_on_cpu():
+def test_dtype_selection_on_cpu(monkeypatch):
+    monkeypatch.setattr(rlhf.backend, "bf16_supported", lambda device: True)  # a CPU with bf16 units
     backend = Backend(device="cpu")
     assert backend.torch_dtype() == torch.float32
     assert backend.torch_dtype(bf16=True) == torch.bfloat16
@@ -239,3 +243,71 @@ def test_dtype_selection_on_cpu():
 
 def test_fp16_allowed_off_cpu():
     assert Backend(device="cuda").torch_dtype(fp16=True) == torch.float16
+
+
+def test_fp16_refused_on_cpu_even_under_a_trainer():
+    args = transformers.TrainingArguments(output_dir="unused", fp16=True, use_cpu=True)
+    with pytest.raises(UserError, match="--fp16 is not supported on CPU") as error:
+        Backend(device="cpu").trainer_model_dtype(args)
+    _one_line(str(error.value))
+
+
+# ---------------------------------------------------------------- bf16 capability
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bf16_refused_where_the_hardware_has_none(device, monkeypatch):
+    seen = []
+    monkeypatch.setattr(rlhf.backend, "bf16_supported", lambda d: seen.append(d) or False)
+    backend = Backend(device=device)
+    with pytest.raises(UserError, match="--bf16 was requested but .* no .*bfloat16") as error:
+        backend.torch_dtype(bf16=True)
+    _one_line(str(error.value))
+    assert "drop --bf16" in str(error.value)
+    args = types.SimpleNamespace(bf16=True, fp16=False)  # TrainingArguments' own bf16 check needs a real GPU
+    with pytest.raises(UserError, match="--bf16"):
+        backend.trainer_model_dtype(args)
+    assert seen == [device, device]
+    assert backend.torch_dtype() == torch.float32  # no --bf16: nothing to check
+
+
+def test_trainer_model_dtype_keeps_fp32_master_weights_under_bf16(monkeypatch):
+    monkeypatch.setattr(rlhf.backend, "bf16_supported", lambda device: True)
+    args = transformers.TrainingArguments(output_dir="unused", bf16=True, use_cpu=True)
+    assert Backend(device="cpu").trainer_model_dtype(args) == torch.float32
+    assert Backend(device="hpu").torch_dtype(bf16=True) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx avx2 avx512f avx512_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse avx avx2 amx_tile amx_bf16\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm (Graviton 3)
+        ("processor\t: 0\nflags\t\t: fpu sse avx avx2 avx512f avx512_vnni\n", False),  # AVX-512 is not bf16
+        ("processor\t: 0\nflags\t\t: fpu sse avx avx2\n", False),
+    ],
+)
+def test_cpu_bf16_detection_reads_cpuinfo_flags(cpuinfo, expected, monkeypatch):
+    flags = frozenset(
+        word for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+        for word in line.split(":", 1)[1].split()
+    )
+    monkeypatch.setattr(rlhf.backend, "_cpu_flags", lambda: flags)
+    assert rlhf.backend.bf16_supported("cpu") is expected
+
+
+def test_cpu_flags_of_this_machine_agree_with_torch():
+    """The /proc/cpuinfo reading agrees with torch's own cpuinfo probe on this machine (x86 Linux)."""
+    flags = rlhf.backend._cpu_flags()
+    if flags is None or "avx2" not in flags or not hasattr(torch.cpu, "_is_avx512_bf16_supported"):
+        pytest.skip("needs x86 Linux and a torch with the cpuinfo probes")
+    torch_says = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert rlhf.backend.cpu_bf16_supported() == torch_says
+
+
+def test_cuda_bf16_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert rlhf.backend.bf16_supported("cuda") is False
+    assert rlhf.backend.bf16_supported("hpu") is True

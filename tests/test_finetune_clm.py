@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import finetune_clm
+from rlhf.backend import bf16_supported
 from rlhf.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ def test_reference_sft_command_runs(tiny_model_dir, tmp_path):
     demo file, plus legacy flags (the token's value must never be echoed) and a validation split, so
     the same run checks that packing + held-out data report perplexity."""
     out = tmp_path / "llama2_7b_se"
-    result = run(
+    command = (
         "--model_name_or_path", tiny_model_dir, "--bf16", "True", "--train_file", TRAIN,
         "--dataset_concatenation", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
         "--learning_rate", "1e-4", "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "2000",
@@ -120,6 +121,10 @@ def test_reference_sft_command_runs(tiny_model_dir, tmp_path):
         "--validation_split_percentage", "10", "--max_seq_length", "128", "--max_source_length", "96",
         "--per_device_eval_batch_size", "8",
     )
+    result = run(*command)
+    if not bf16_supported("cpu"):  # a CPU without bf16 units: --bf16 stops with one line, then fp32 runs
+        assert_user_error(result, "--bf16 was requested but this CPU has no bfloat16", "drop --bf16")
+        result = run(*command, "--bf16", "False")
     assert_ok(result)
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_curves.png").is_file()
     assert len([row for row in log_history(out) if "loss" in row]) == 2
@@ -259,3 +264,94 @@ def test_resuming_a_finished_run_says_so(tiny_model_dir, tmp_path):
     assert "Run already finished at step 2 (of 2 planned); nothing to do" in result.stdout
     assert "Running training" not in result.stdout + result.stderr
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- precision: --bf16 / --fp16
+
+
+def fake_bf16_hardware(monkeypatch, supported: bool) -> None:
+    """Fake THE capability check (rlhf.backend.bf16_supported); torch still runs bf16 on any CPU."""
+    import rlhf.backend
+
+    monkeypatch.setattr(rlhf.backend, "bf16_supported", lambda device: supported)
+
+
+def test_bf16_full_fine_tune_trains_under_autocast_and_saves_fp32(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--bf16 = the Trainer's bf16 autocast: matmuls in bf16, fp32 weights (master copy, optimizer states),
+    the loss still falls, and the saved model loads as an fp32 model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fake_bf16_hardware(monkeypatch, True)
+    seen: dict[str, set] = {"activation": set(), "weight": set()}
+    load = finetune_clm.load_causal_lm
+
+    def load_and_watch(*args, **kwargs):
+        model = load(*args, **kwargs)
+        layer = model.model.layers[0].mlp.down_proj
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen["activation"].add(output.dtype)
+                seen["weight"].add(module.weight.dtype)
+
+        layer.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(finetune_clm, "load_causal_lm", load_and_watch)
+    out = tmp_path / "sft_bf16"
+    code, err = run_in_process(
+        monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN, "--output_dir", str(out),
+        "--peft", "none", "--bf16", "--do_train", "--max_steps", "12", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "4", "--max_seq_length", "64", "--logging_steps", "1", "--report_to", "none",
+        "--disable_tqdm", "true", "--save_strategy", "no",
+    )
+    assert code == 0, err
+    assert seen == {"activation": {torch.bfloat16}, "weight": {torch.float32}}
+    losses = [row["loss"] for row in log_history(out) if "loss" in row]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.15, losses  # about 6.22 -> 5.94
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(saved.state_dict()[name], initial.state_dict()[name])  # it trained
+    batch = torch.tensor([[1, 5, 9, 13]])
+    assert torch.isfinite(saved(batch).logits).all()
+
+
+def test_bf16_lora_run(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """LoRA under --bf16: the adapter (fp32) is saved and loads onto the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fake_bf16_hardware(monkeypatch, True)
+    out = tmp_path / "sft_bf16_lora"
+    code, err = run_in_process(
+        monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN, "--output_dir", str(out),
+        "--peft", "lora", "--bf16", "True", "--do_train", "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--max_seq_length", "64", "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no",
+    )
+    assert code == 0, err
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert lora == {torch.float32}
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9, 13]])).logits).all()
+
+
+def test_bf16_without_bf16_hardware_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    fake_bf16_hardware(monkeypatch, False)
+    out = tmp_path / "o"
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN,
+                               "--output_dir", str(out), "--do_train", "--bf16", "True")
+    assert_in_process_user_error(code, err, "--bf16", "no bfloat16", "drop --bf16")
+    assert not out.exists()
+
+
+def test_fp16_on_cpu_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    code, err = run_in_process(monkeypatch, capsys, "--model_name_or_path", tiny_model_dir, "--train_file", TRAIN,
+                               "--output_dir", str(out), "--do_train", "--fp16", "--device", "cpu")
+    assert_in_process_user_error(code, err, "--fp16 is not supported on CPU")
+    assert not out.exists()
