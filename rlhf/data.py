@@ -19,7 +19,10 @@ file, the column and the row.
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -79,13 +82,47 @@ class DataArguments:
 # ---------------------------------------------------------------- loading
 
 
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # not gzip; truncated; corrupt stream
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it ends in .gz; a broken gzip file is a ``UserError``."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except GZIP_ERRORS as error:
+        raise UserError(
+            f"{path}: not a readable gzip file ({error or type(error).__name__}); recompress it with gzip "
+            "or drop the .gz suffix"
+        ) from None
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """UTF-8 text (a leading byte-order mark is dropped); other encodings are a ``UserError``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); save the file as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def read_json_rows(path: Path) -> list[dict]:
-    """JSON lines, or one JSON array, with the failing line number on error."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        text = handle.read()
+    """JSON lines, one JSON array or one JSON object, with the failing line number on error."""
+    text = decode_utf8(read_bytes(path), path)
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    single = None
+    if stripped.startswith("{"):  # one object (also pretty-printed over several lines), else JSON lines
+        try:
+            single = json.loads(text)
+        except json.JSONDecodeError:
+            single = None
+    if single is not None:
+        rows = [single]
+    elif stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
@@ -113,9 +150,10 @@ def rows_to_dataset(rows: list[dict], path: Path):
     import pyarrow
     from datasets import Dataset
 
+    arrow_errors = (pyarrow.lib.ArrowInvalid, pyarrow.lib.ArrowTypeError)
     try:
         return Dataset.from_list(rows)
-    except (pyarrow.lib.ArrowInvalid, pyarrow.lib.ArrowTypeError):
+    except arrow_errors as error:
         for column in rows[0] if rows else []:
             kinds = [(i, type(row[column]).__name__) for i, row in enumerate(rows) if row[column] is not None]
             for index, kind in kinds:
@@ -124,7 +162,16 @@ def rows_to_dataset(rows: list[dict], path: Path):
                         f"{path}: row {index}, column {column!r} is {kind} but row {kinds[0][0]} is "
                         f"{kinds[0][1]}; give every row the same kind of value"
                     ) from None
-        raise
+        # Same kinds at the top level, mixed inside (e.g. a message content that is a number in one row).
+        for column in rows[0] if rows else []:
+            try:
+                Dataset.from_list([{column: row[column]} for row in rows])
+            except arrow_errors as inner:
+                raise UserError(
+                    f"{path}: column {column!r} mixes kinds of values inside its rows ({str(inner).splitlines()[0]}); "
+                    "give every row the same structure"
+                ) from None
+        raise error
 
 
 def file_kind(path: Path) -> str:
@@ -139,18 +186,29 @@ def load_local_file(path_text: str, flag: str):
     from datasets import Dataset
 
     path = Path(path_text)
+    if path.is_dir():
+        raise UserError(f"{flag} {path_text} is a directory; give the data file inside it")
     if not path.is_file():
         raise UserError(f"{flag} {path_text}: no such file; check the path")
     kind = file_kind(path)
     if kind == "json":
         return rows_to_dataset(read_json_rows(path), path)
     import pandas
+    import pyarrow
 
+    if kind == "csv":
+        text = decode_utf8(read_bytes(path), path)
+        if not text.strip():
+            raise UserError(f"{path}: the file is empty; give a file with a header and at least one row")
     try:
-        # CSV has no types: read every cell as text, an empty cell as "" (not NaN).
-        frame = pandas.read_csv(path, dtype=str, keep_default_na=False) if kind == "csv" else pandas.read_parquet(path)
-    except (ValueError, OSError, pandas.errors.ParserError) as error:
-        raise UserError(f"{path}: cannot be read as {kind} ({str(error).splitlines()[0]}); fix the file") from None
+        if kind == "csv":
+            # CSV has no types: read every cell as text, an empty cell as "" (not NaN).
+            frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        else:
+            frame = pandas.read_parquet(io.BytesIO(read_bytes(path)) if path.suffix == ".gz" else path)
+    except (pandas.errors.ParserError, pandas.errors.EmptyDataError, pyarrow.lib.ArrowException, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path}: cannot be read as {kind} ({first_line}); fix or re-export the file") from None
     return Dataset.from_pandas(frame, preserve_index=False)
 
 
@@ -233,6 +291,24 @@ def check_field(value: Any, source: str, column: str, row: int) -> None:
         raise UserError(f"{source}: row {row}, column {column!r} is empty; fix or remove the row")
 
 
+def check_margin(value: Any, source: str, row: int) -> None:
+    """A ``margin`` cell: a finite number, a number written as text (CSV), or empty (0)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise UserError(
+            f"{source}: row {row}, column 'margin' is {value!r}, not a finite number; fix the row or drop the column"
+        )
+
+
 def validate_rows(dataset, fmt: str, source: str) -> None:
     columns = {**PREFERENCE_FORMATS, **SFT_ONLY_FORMATS}[fmt]
     for column in columns:
@@ -240,6 +316,9 @@ def validate_rows(dataset, fmt: str, source: str) -> None:
             if fmt == "orca" and column == "system" and value in ("", None):
                 continue  # orca rows may have no system prompt
             check_field(value, source, column, row)
+    if "margin" in dataset.column_names:
+        for row, value in enumerate(dataset["margin"]):
+            check_margin(value, source, row)
 
 
 def common_prefix_length(a: list, b: list) -> int:
@@ -356,10 +435,15 @@ def prepare_examples(dataset, source: str, tokenizer, template: str, allow_sft: 
             "rejected": example.rejected or "",
         }
         if has_margin:
-            converted["margin"] = float(example.margin or 0.0)
+            margin = example.margin
+            converted["margin"] = float(margin) if margin not in (None, "") and str(margin).strip() else 0.0
         return converted
 
     prepared = dataset.map(convert, remove_columns=dataset.column_names, desc=f"Formatting {Path(source).name}")
+    if has_margin and prepared.features["margin"].dtype != "float64":  # a text column (CSV) keeps its type
+        from datasets import Value
+
+        prepared = prepared.cast_column("margin", Value("float64"))
     if not allow_sft:
         empty = [i for i, (c, r) in enumerate(zip(prepared["chosen"], prepared["rejected"])) if not c or not r]
         if empty:

@@ -356,3 +356,136 @@ def test_render_prompt_plain_multi_turn(plain_tokenizer):
         "S\n\nQuestion: U1\n\nAnswer: A1\n\nQuestion: U2\n\nAnswer: "
     )
     assert render_prompt("verbatim", plain_tokenizer, "plain") == "verbatim"
+
+
+# ---------------------------------------------------------------- broken files: every format x every breakage
+# Each ends as one UserError line naming the file and the fix (run_cli: exit 2), never a traceback.
+
+SWEEP_ROWS = [
+    {"prompt": "Café au lait?", "chosen": "Oui, merci.", "rejected": "Non."},
+    {"prompt": "Crème brûlée?", "chosen": "Avec plaisir.", "rejected": "Jamais."},
+]
+SWEEP_FORMATS = ["json", "jsonl", "csv", "parquet", "json.gz", "jsonl.gz", "csv.gz", "parquet.gz"]
+
+
+def encode_rows(fmt: str, rows: list[dict], encoding: str = "utf-8") -> bytes:
+    """The bytes of a ``fmt`` file holding ``rows`` (text formats written in ``encoding``)."""
+    import csv
+    import io
+
+    base = fmt.removesuffix(".gz")
+    if base == "json":
+        data = json.dumps(rows, ensure_ascii=False).encode(encoding)
+    elif base == "jsonl":
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding)
+    elif base == "csv":
+        data = pandas.DataFrame(rows).to_csv(index=False, quoting=csv.QUOTE_ALL).encode(encoding)
+    else:
+        frame = pandas.DataFrame(rows)
+        if encoding != "utf-8":  # parquet has typed columns: non-UTF-8 text arrives as a binary column
+            frame = frame.map(lambda v: v.encode(encoding) if isinstance(v, str) else v)
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        data = buffer.getvalue()
+    return gzip.compress(data) if fmt.endswith(".gz") else data
+
+
+def broken_file(tmp_path: Path, fmt: str, breakage: str) -> tuple[Path, str]:
+    """A file of ``fmt`` broken in one way, and the fragment its error line must contain."""
+    path = tmp_path / f"train.{fmt}"
+    base = fmt.removesuffix(".gz")
+    gz = fmt.endswith(".gz")
+    if breakage == "not_utf8":
+        path.write_bytes(encode_rows(fmt, SWEEP_ROWS, encoding="latin-1"))
+        return path, "column 'prompt' is bytes, not text" if base == "parquet" else "not UTF-8 text (byte 0xe9"
+    if breakage == "truncated":
+        data = encode_rows(fmt, SWEEP_ROWS)
+        path.write_bytes(data[: len(data) - 12])
+        if gz:
+            return path, "not a readable gzip file"
+        return path, {"json": "not valid JSON", "jsonl": "line 2 is not valid JSON", "csv": "cannot be read as csv",
+                      "parquet": "cannot be read as parquet"}[base]
+    if breakage == "wrong_types":
+        if base == "csv":  # CSV cells are all text: the typed column is the optional margin
+            rows = [{**row, "margin": "lots"} for row in SWEEP_ROWS]
+            path.write_bytes(encode_rows(fmt, rows))
+            return path, "row 0, column 'margin' is 'lots', not a finite number"
+        rows = [{**row, "chosen": index} for index, row in enumerate(SWEEP_ROWS)]
+        path.write_bytes(encode_rows(fmt, rows))
+        return path, "row 0, column 'chosen' is int, not text"
+    if breakage == "empty":
+        path.write_bytes(gzip.compress(b"") if gz else b"")
+        return path, {"json": "the dataset is empty", "jsonl": "the dataset is empty", "csv": "the file is empty",
+                      "parquet": "cannot be read as parquet"}[base]
+    if breakage == "directory":
+        path.mkdir()
+        return path, "is a directory; give the data file inside it"
+    if breakage == "not_gzip":
+        path.write_bytes(encode_rows(base, SWEEP_ROWS))
+        return path, "not a readable gzip file (Not a gzipped file"
+    raise AssertionError(breakage)
+
+
+SWEEP_CASES = [
+    (fmt, breakage)
+    for fmt in SWEEP_FORMATS
+    for breakage in ("not_utf8", "truncated", "wrong_types", "empty", "directory", "not_gzip")
+    if breakage != "not_gzip" or fmt.endswith(".gz")
+]
+
+
+@pytest.mark.parametrize("fmt, breakage", SWEEP_CASES, ids=[f"{f}-{b}" for f, b in SWEEP_CASES])
+def test_broken_data_file_is_one_line_user_error(fmt, breakage, tmp_path, plain_tokenizer):
+    path, fragment = broken_file(tmp_path, fmt, breakage)
+    message = expect_error(str(path), plain_tokenizer, fragment)
+    assert path.name in message
+
+
+@pytest.mark.parametrize("fmt", SWEEP_FORMATS)
+def test_sweep_files_load_when_intact(fmt, tmp_path, plain_tokenizer):
+    """The sweep's files are broken only where broken_file breaks them."""
+    path = tmp_path / f"train.{fmt}"
+    path.write_bytes(encode_rows(fmt, SWEEP_ROWS))
+    prepared, fmt_name = load(str(path), plain_tokenizer, "plain", allow_sft=False)
+    assert fmt_name == "prompt" and prepared["chosen"] == ["Oui, merci.", "Avec plaisir."]
+
+
+def test_broken_validation_file_is_named(tmp_path):
+    good = tmp_path / "train.jsonl"
+    good.write_bytes(encode_rows("jsonl", SWEEP_ROWS))
+    bad = tmp_path / "eval.jsonl"
+    bad.write_bytes(encode_rows("jsonl", SWEEP_ROWS, encoding="utf-16"))
+    with pytest.raises(UserError, match=r"eval\.jsonl: not UTF-8 text"):
+        load_splits(DataArguments(train_file=str(good), validation_file=str(bad)))
+
+
+def test_mixed_structure_inside_a_column(tmp_path, plain_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "hello"}]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expect_error(str(path), plain_tokenizer, "column 'messages' mixes kinds of values", allow_sft=True)
+
+
+@pytest.mark.parametrize("value", ["NaN", float("inf"), True, [1.0]])
+def test_margin_must_be_a_finite_number(value, tmp_path, plain_tokenizer):
+    rows = [{**row, "margin": value} for row in SWEEP_ROWS]
+    path = tmp_path / "margin.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expect_error(str(path), plain_tokenizer, "row 0, column 'margin' is", "not a finite number")
+
+
+def test_byte_order_mark_and_pretty_printed_object_are_read(tmp_path, plain_tokenizer):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + encode_rows("jsonl", SWEEP_ROWS))
+    assert load(str(bom), plain_tokenizer, "plain", allow_sft=False)[0]["rejected"] == ["Non.", "Jamais."]
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps(SWEEP_ROWS[0], indent=2))
+    assert load(str(single), plain_tokenizer, "plain", allow_sft=False)[0]["chosen"] == ["Oui, merci."]
+
+
+def test_csv_margin_as_text_is_a_number(tmp_path, plain_tokenizer):
+    rows = [{**row, "margin": m} for row, m in zip(SWEEP_ROWS, ("0.5", ""))]
+    path = tmp_path / "margin.csv"
+    path.write_bytes(encode_rows("csv", rows))
+    assert load(str(path), plain_tokenizer, "plain", allow_sft=False)[0]["margin"] == [0.5, 0.0]
