@@ -14,7 +14,8 @@ The run always trains (the reference's command passes no ``--do_train``); ``--ev
 ``--model_name_or_path`` instead.
 ``output_dir`` gets the MERGED model and the tokenizer, loadable with
 ``AutoModelForSequenceClassification`` + ``AutoTokenizer``; its config holds ``reward_mean`` and
-``reward_std`` (the scores of chosen and rejected training answers after training) for PPO to
+``reward_std`` (the scores of chosen and rejected answers of ``--reward_stats_samples`` (512) random
+training pairs after training; 0: all pairs) and ``reward_stats_pairs`` (how many) for PPO to
 normalise with, plus ``train_results.json``, ``eval_results.json`` and ``training_curves.png``.
 Trainer checkpoints (``--save_strategy steps``) resume with ``--resume_from_checkpoint PATH|true``.
 
@@ -63,6 +64,7 @@ from rlhf.reward import (
     make_reward_trainer_class,
     prepare_reward_training_args,
     reward_metrics,
+    reward_stats_sample,
     save_reward_model,
     tokenize_pairs,
 )
@@ -93,7 +95,9 @@ class RewardArguments:
         default=False, metadata={"help": "Only evaluate --model_name_or_path (a trained reward model) on held-out data."}
     )
     reward_stats_samples: int = field(
-        default=0, metadata={"help": "Training pairs scored for reward_mean/reward_std after training (0: all)."}
+        default=512,
+        metadata={"help": "Training pairs (a random sample, seeded by --seed) scored after training for "
+                          "reward_mean/reward_std; 0: all of them."},
     )
 
     def check(self) -> None:
@@ -193,17 +197,17 @@ def main() -> None:
         return  # resumed at the end of a finished run: change nothing
     if do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
-        stats_set = train_set
-        if rm_args.reward_stats_samples:
-            stats_set = train_set.select(range(min(rm_args.reward_stats_samples, len(train_set))))
+        stats_set = reward_stats_sample(train_set, rm_args.reward_stats_samples, training_args.seed)
         stats = trainer.predict(stats_set, metric_key_prefix="train_scores").metrics
         mean, std = stats["train_scores_score_mean"], stats["train_scores_score_std"]
-        logger.info("Reward statistics over %d training pairs: mean %.4f, std %.4f (accuracy %.3f)",
-                    len(stats_set), mean, std, stats["train_scores_accuracy"])
+        sampled = (f"a random sample (seed {training_args.seed}; --reward_stats_samples 0 for all)"
+                   if len(stats_set) < len(train_set) else "all of them")
+        logger.info("Reward statistics over %d of %d training pairs, %s: mean %.4f, std %.4f (accuracy %.3f)",
+                    len(stats_set), len(train_set), sampled, mean, std, stats["train_scores_accuracy"])
     if eval_set is not None:
         evaluate_and_save(trainer, len(eval_set), with_perplexity=False)
     if do_train and trainer.is_world_process_zero():
-        save_reward_model(trainer.model, tokenizer, training_args.output_dir, mean, std)
+        save_reward_model(trainer.model, tokenizer, training_args.output_dir, mean, std, len(stats_set))
         logger.info("Saved the merged reward model and tokenizer to %s", training_args.output_dir)
 
 

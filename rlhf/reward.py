@@ -25,8 +25,10 @@ API (used by ``reward_modeling.py`` and by PPO):
 - ``make_reward_trainer_class(base)``: a subclass of transformers' ``Trainer`` or optimum-habana's
   ``GaudiTrainer`` with the pairwise ``compute_loss`` and a ``prediction_step`` returning
   ``(loss, [chosen, rejected] scores, dummy labels)`` so evaluation gets the scores.
-- ``score_statistics(scores)``, ``store_reward_stats(config, mean, std)``,
-  ``reward_stats_from_config(config) -> (mean, std) | None``: the normalisation PPO uses.
+- ``score_statistics(scores)``, ``store_reward_stats(config, mean, std, pairs=None)``,
+  ``reward_stats_from_config(config) -> (mean, std) | None``: the normalisation PPO uses;
+  ``reward_stats_sample(dataset, samples, seed)``: the seeded random subset of training pairs it is
+  measured on (``samples`` 0: all), its size saved as ``reward_stats_pairs``.
 - ``RewardScorer(model, tokenizer, batch_size, max_length, device, normalize)``: callable
   ``(prompts, responses) -> Tensor[N]`` scoring prompt+response in batches under ``torch.no_grad``.
 """
@@ -49,6 +51,7 @@ SCORE_HEAD_NAMES = ("score", "classifier")
 OVERFLOW_CHOICES = ("truncate", "drop")
 CONFIG_MEAN_KEY = "reward_mean"
 CONFIG_STD_KEY = "reward_std"
+CONFIG_PAIRS_KEY = "reward_stats_pairs"  # how many training pairs the mean/std were measured on
 
 
 # ---------------------------------------------------------------- loss
@@ -266,9 +269,28 @@ def score_statistics(scores: Iterable[float] | torch.Tensor) -> tuple[float, flo
     return mean, std
 
 
-def store_reward_stats(config, mean: float, std: float) -> None:
+def store_reward_stats(config, mean: float, std: float, pairs: int | None = None) -> None:
+    """Save the statistics in ``config``; ``pairs``: how many training pairs they were measured on."""
     setattr(config, CONFIG_MEAN_KEY, float(mean))
     setattr(config, CONFIG_STD_KEY, float(std))
+    if pairs is not None:
+        setattr(config, CONFIG_PAIRS_KEY, int(pairs))
+
+
+def reward_stats_sample(dataset, samples: int, seed: int):
+    """``samples`` pairs of ``dataset`` drawn at random (the same ones for the same ``seed``, in
+    dataset order), or the whole dataset when ``samples`` is 0 or not smaller than it.
+
+    The mean/std of a few hundred random pairs match those of all pairs to within their noise, at
+    a fraction of the cost of scoring every training pair again after training.
+    """
+    if samples < 0:
+        raise ValueError(f"samples must be 0 (all) or positive, not {samples}")
+    if samples == 0 or samples >= len(dataset):
+        return dataset
+    import random
+
+    return dataset.select(sorted(random.Random(seed).sample(range(len(dataset)), samples)))
 
 
 def reward_stats_from_config(config) -> tuple[float, float] | None:
@@ -388,7 +410,9 @@ class RewardScorer:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def save_reward_model(model, tokenizer, output_dir: str, mean: float | None, std: float | None) -> None:
+def save_reward_model(
+    model, tokenizer, output_dir: str, mean: float | None, std: float | None, stats_pairs: int | None = None
+) -> None:
     """Write the merged model (safetensors) + tokenizer, with the reward statistics in its config.
 
     Adapter files a Trainer save left in ``output_dir`` are removed: with them, transformers would
@@ -398,7 +422,7 @@ def save_reward_model(model, tokenizer, output_dir: str, mean: float | None, std
 
     model = merge_lora(model)
     if mean is not None and std is not None:
-        store_reward_stats(model.config, mean, std)
+        store_reward_stats(model.config, mean, std, stats_pairs)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)

@@ -24,6 +24,7 @@ from rlhf.reward import (
     pairwise_loss,
     reward_metrics,
     reward_stats_from_config,
+    reward_stats_sample,
     score_statistics,
     sequence_scores,
     store_reward_stats,
@@ -237,6 +238,25 @@ def test_stats_in_config_roundtrip():
     restored = LlamaConfig.from_dict(config.to_dict())
     assert reward_stats_from_config(restored) == (0.25, 2.0)
     assert score_statistics([1.0, 1.0]) == (1.0, 1.0)  # degenerate std falls back to 1
+    assert "reward_stats_pairs" not in config.to_dict()
+    store_reward_stats(config, 0.25, 2.0, pairs=512)
+    assert LlamaConfig.from_dict(config.to_dict()).reward_stats_pairs == 512
+
+
+def test_reward_stats_sample_is_a_seeded_random_subset():
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"row": list(range(1000))})
+    sample = reward_stats_sample(data, 64, seed=42)
+    rows = sample["row"]
+    assert len(rows) == 64 and len(set(rows)) == 64 and rows == sorted(rows)
+    assert rows != list(range(64)) and max(rows) > 500  # random, not the first 64
+    assert reward_stats_sample(data, 64, seed=42)["row"] == rows  # same seed, same pairs
+    assert reward_stats_sample(data, 64, seed=7)["row"] != rows
+    assert reward_stats_sample(data, 0, seed=42) is data  # 0: all pairs
+    assert reward_stats_sample(data, 1000, seed=42) is data and reward_stats_sample(data, 5000, seed=42) is data
+    with pytest.raises(ValueError):
+        reward_stats_sample(data, -1, seed=42)
 
 
 # ---------------------------------------------------------------- scorer

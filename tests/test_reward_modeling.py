@@ -116,6 +116,8 @@ def test_saved_config_and_files(trained):
     assert (output / "training_curves.png").stat().st_size > 0
     assert (output / "tokenizer.json").is_file() and (output / "train_results.json").is_file()
     assert "longer than --max_length" in result.stdout  # the over-long count is reported
+    assert config["reward_stats_pairs"] == 128  # --reward_stats_samples 128: said in the config and the log
+    assert "Reward statistics over 128 of " in result.stdout and "a random sample (seed 42" in result.stdout
 
 
 # ---------------------------------------------------------------- the reference's command
@@ -235,12 +237,17 @@ def bad_case(name: str, tmp_path: Path) -> tuple[list[str], str]:
         return ["--train_file", str(TRAIN), "--max_length", "-4"], "--max_length"
     if name == "bad_overflow":
         return ["--train_file", str(TRAIN), "--overflow", "cut"], "--overflow"
+    if name == "stats_samples_negative":
+        return ["--train_file", str(TRAIN), "--reward_stats_samples", "-1"], "--reward_stats_samples -1"
+    if name == "fp16_on_cpu":
+        return ["--train_file", str(TRAIN), "--fp16", "--device", "cpu"], "--fp16 is not supported on CPU"
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize(
     "name",
-    ["missing_column", "empty_field", "malformed_json", "missing_file", "max_length_zero", "max_length_negative", "bad_overflow"],
+    ["missing_column", "empty_field", "malformed_json", "missing_file", "max_length_zero", "max_length_negative", "bad_overflow",
+     "stats_samples_negative", "fp16_on_cpu"],
 )
 def test_bad_input_exits_2_with_one_line(name, tiny_dir, tmp_path, monkeypatch, capsys):
     expected = bad_case(name, tmp_path)[1]
@@ -266,3 +273,83 @@ def test_bad_input_cli_has_no_traceback(tiny_dir, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "no such file" in result.stderr
+
+
+# ---------------------------------------------------------------- reward statistics sample; precision
+
+
+def test_reward_stats_default_to_a_random_sample_of_512_pairs(tiny_dir, tmp_path, monkeypatch, caplog):
+    """By default the mean/std come from 512 random training pairs, not all 2352; the config says so."""
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_dir, "--train_file", str(TRAIN), "--output_dir", str(output),
+            "--max_steps", "1", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "64",
+            "--max_length", "64", "--validation_split_percentage", "0", *QUIET]
+    with caplog.at_level("INFO", logger="rlhf"):
+        assert run_main(monkeypatch, argv) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["reward_stats_pairs"] == 512
+    assert "Reward statistics over 512 of 2400 training pairs, a random sample (seed 42" in caplog.text
+    assert config["reward_std"] > 0
+
+
+def fake_bf16_hardware(monkeypatch, supported: bool) -> None:
+    """Fake THE capability check (rlhf.backend.bf16_supported); torch still runs bf16 on any CPU."""
+    import rlhf.backend
+
+    monkeypatch.setattr(rlhf.backend, "bf16_supported", lambda device: supported)
+
+
+def test_bf16_lora_run_autocasts_and_saves_a_loadable_fp32_model(tiny_dir, tmp_path, monkeypatch, caplog):
+    """--bf16 (LoRA, the default): bf16 matmuls on fp32 weights; the merged model loads in fp32 and
+    its statistics (over all 64 pairs: fewer than --reward_stats_samples) are finite."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    fake_bf16_hardware(monkeypatch, True)
+    seen: dict[str, set] = {"activation": set(), "weight": set()}
+    load = reward_modeling.load_sequence_classifier
+
+    def load_and_watch(*args, **kwargs):
+        model = load(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen["activation"].add(output.dtype)
+                seen["weight"].add(module.weight.dtype)
+
+        model.model.layers[0].mlp.down_proj.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(reward_modeling, "load_sequence_classifier", load_and_watch)
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_dir, "--train_file", str(TRAIN), "--output_dir", str(output), "--bf16",
+            "--max_train_samples", "64", "--max_steps", "4", "--per_device_train_batch_size", "8",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--max_length", "64",
+            "--validation_split_percentage", "0", *QUIET]
+    with caplog.at_level("INFO", logger="rlhf"):
+        assert run_main(monkeypatch, argv) == 0
+    assert seen == {"activation": {torch.bfloat16}, "weight": {torch.float32}}
+    assert "Precision: bf16 autocast, fp32 weights" in caplog.text
+    assert "Reward statistics over 64 of 64 training pairs, all of them" in caplog.text
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    losses = [row["loss"] for row in history if "loss" in row]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+    model = AutoModelForSequenceClassification.from_pretrained(output)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    config = json.loads((output / "config.json").read_text())
+    assert config["reward_stats_pairs"] == 64 and config["reward_std"] > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9, 13]])).logits).all()
+
+
+def test_bf16_without_bf16_hardware_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):
+    fake_bf16_hardware(monkeypatch, False)
+    output = tmp_path / "out"
+    code = run_main(monkeypatch, ["--model_name_or_path", tiny_dir, "--train_file", str(TRAIN), "--output_dir",
+                                  str(output), "--bf16", "True", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reward_modeling.py: error: --bf16 was requested"), err
+    assert "no bfloat16" in lines[0] and "drop --bf16" in lines[0]
+    assert not output.exists()
