@@ -1,0 +1,148 @@
+"""dpo_training.py end to end on the tiny model and the demo preference data.
+
+One subprocess run (the CLI as users run it) trains a LoRA adapter for a few steps and evaluates on
+data/demo/test.jsonl; a full fine-tune against precomputed reference log-probs, its resume, and the
+bad inputs run in-process through ``run_cli(main)``, which is what the script's ``__main__`` does
+(one stderr line, exit 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dpo_training  # noqa: E402
+from rlhf.errors import run_cli  # noqa: E402
+
+TRAIN = REPO / "data" / "demo" / "train.jsonl"
+TEST = REPO / "data" / "demo" / "test.jsonl"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET = ["--report_to", "none", "--disable_tqdm", "true"]
+SMALL = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--max_length", "96",
+         "--max_eval_samples", "16", "--learning_rate", "1e-3"]
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def run_main(monkeypatch, argv: list[str]) -> int:
+    monkeypatch.setattr(sys, "argv", ["dpo_training.py", *argv])
+    return run_cli(dpo_training.main)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("dpo") / "out"
+    command = [
+        sys.executable, str(REPO / "dpo_training.py"), "--model_name_or_path", tiny_model_dir,
+        "--train_file", str(TRAIN), "--validation_file", str(TEST), "--output_dir", str(output),
+        "--max_train_samples", "64", "--max_steps", "4", "--logging_steps", "2", "--save_strategy", "no",
+        "--heldout_samples", "4",
+        "--heldout_max_new_tokens", "8", *SMALL, *QUIET,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_cli_writes_adapter_tokenizer_metrics_and_plot(trained):
+    output, result = trained
+    assert (output / "adapter_config.json").is_file() and (output / "adapter_model.safetensors").is_file()
+    assert not (output / "model.safetensors").exists()  # LoRA: the adapter only, no second model
+    assert (output / "tokenizer.json").is_file() and (output / "train_results.json").is_file()
+    assert (output / "training_curves.png").stat().st_size > 10_000
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["eval_samples"] == 16
+    for key in REWARD_KEYS:
+        assert math.isfinite(results[f"eval_{key}"]), key
+    assert 0 <= results["eval_rewards/accuracies"] <= 1
+    assert results["eval_rewards/margins"] == pytest.approx(
+        results["eval_rewards/chosen"] - results["eval_rewards/rejected"], abs=1e-6)
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    train_logs = [row for row in history if "loss" in row]
+    assert [row["step"] for row in train_logs] == [2, 4]
+    assert all(key in row for row in train_logs for key in (*REWARD_KEYS, "logps/chosen", "logps/rejected"))
+    assert "reference: the adapter-disabled model" in result.stdout + result.stderr
+
+
+def test_cli_writes_the_heldout_summary_the_report_reads(trained):
+    output, _ = trained
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["algorithm"] == "dpo" and summary["steps"] == 4
+    # Before training the LoRA policy IS the reference: zero KL.
+    assert summary["eval_before"]["eval/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert math.isfinite(summary["eval_after"]["eval/kl"])
+    assert 1 <= summary["eval_after"]["eval/response_length"] <= 8
+    samples = [json.loads(line) for line in (output / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and len({s["prompt"] for s in samples}) == 4
+    assert all(isinstance(s["response_before"], str) and isinstance(s["response_after"], str) for s in samples)
+
+
+def test_full_finetune_with_precomputed_reference_then_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """--peft none --precompute_ref_log_probs: one model loaded (no copy), first loss exactly log 2
+    (policy == reference), a full model saved; resuming continues at the checkpoint's step."""
+    loads = []
+    real_load = dpo_training.load_causal_lm
+    monkeypatch.setattr(dpo_training, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", str(TRAIN), "--max_train_samples", "24",
+            "--validation_split_percentage", "0", "--output_dir", str(output), "--peft", "none",
+            "--precompute_ref_log_probs", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
+            *SMALL, *QUIET]
+    assert run_main(monkeypatch, [*argv, "--max_steps", "2"]) == 0
+    assert len(loads) == 1
+    assert (output / "model.safetensors").is_file() and (output / "checkpoint-2" / "COMPLETE").is_file()
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert run_main(monkeypatch, [*argv, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+# ---------------------------------------------------------------- bad inputs: exit 2, one line, no model loaded
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the bad input was reported")
+
+    monkeypatch.setattr(dpo_training, "load_causal_lm", refuse)
+    monkeypatch.setattr(dpo_training, "load_model_tokenizer", refuse)
+
+
+def sft_only_file(tmp_path) -> str:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Hi {i}?", "completion": "Hello."}) + "\n" for i in range(60)))
+    return str(path)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--beta", "0"], "--beta 0.0 must be a positive number"),
+    (["--beta", "-0.5"], "--beta -0.5"),
+    (["--loss_type", "kto"], "--loss_type 'kto' is not one of sigmoid, ipo, robust"),
+    (["--loss_type", "ipo", "--label_smoothing", "0.1"], "not ipo"),
+    (["--max_prompt_length", "96"], "leaves no room for the answer"),
+    ("NO_PAIRS", "no known format in columns ['completion', 'prompt']"),
+])
+def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_loading, extra,
+                                         fragment):
+    train = sft_only_file(tmp_path) if extra == "NO_PAIRS" else str(TRAIN)
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", train, "--output_dir", str(tmp_path / "out"),
+            *SMALL, *QUIET, *([] if extra == "NO_PAIRS" else extra)]
+    assert run_main(monkeypatch, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert "Traceback" not in err[0]
