@@ -3,7 +3,8 @@
 
 Works for causal-LM adapters (SFT, PPO) and sequence-classification adapters (reward model; the
 fully trained score head is kept). The base model is the one recorded in the adapter unless
-``--base_model_name`` overrides it. Output: safetensors weights, config, tokenizer.
+``--base_model_name`` overrides it. Output: safetensors weights (in the base checkpoint's dtype, or
+bfloat16 with ``--bf16``), config, tokenizer.
 
 Usage::
 
@@ -39,6 +40,9 @@ class MergeArguments:
     base_model_name: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into a non-empty output directory."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
+    bf16: bool = field(
+        default=False, metadata={"help": "Write the merged weights in bfloat16 (default: the base checkpoint's dtype)."}
+    )
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -87,6 +91,10 @@ def main() -> None:
     model = merge(adapter_dir, base_name, task_type, args.trust_remote_code)
     if task_type == "SEQ_CLS":
         model.config.pad_token_id = tokenizer.pad_token_id
+    if args.bf16:  # a cast for storage only: no bf16 compute, so no hardware check
+        import torch
+
+        model = model.to(torch.bfloat16)
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
     logger.info("Merged model and tokenizer written to %s", output)

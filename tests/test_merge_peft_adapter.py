@@ -197,3 +197,23 @@ def test_non_empty_output_needs_overwrite(causal_adapter, tmp_path, monkeypatch,
                                "--overwrite_output_dir")
     assert code == 0, err
     assert (out / "model.safetensors").is_file()
+
+
+def test_bf16_merge_writes_bf16_weights_that_score_like_the_adapter(seq_cls_adapter, tokenizer, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--bf16: merged in the base's fp32, written in bf16 (half the size); the reloaded model (dtype auto)
+    is bf16 and scores like the adapter to bf16 precision."""
+    from safetensors import safe_open
+
+    adapter, expected = seq_cls_adapter
+    out = tmp_path / "merged_bf16"
+    code, err = run_in_process(monkeypatch, capsys, "--adapter_model_name", str(adapter), "--output_name", str(out),
+                               "--bf16")
+    assert code == 0, err
+    with safe_open(out / "model.safetensors", framework="pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.dtype == torch.bfloat16
+    with torch.no_grad():
+        scores = merged(**batch(tokenizer)).logits.float()
+    torch.testing.assert_close(scores, expected, atol=0.05, rtol=0.02)
