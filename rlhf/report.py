@@ -1,13 +1,16 @@
-"""The pipeline's end report: what a user wants to see after SFT -> RM -> PPO.
+"""The pipeline's end report: what a user wants to see after SFT -> RM -> PPO (or SFT -> DPO).
 
 Reads the stages' own outputs (nothing is re-measured or invented here): the reward model's
 held-out evaluation (`eval_results.json`), PPO's `summary.json` (held-out reward-model score and KL
 to the reference, before and after PPO) and `eval_samples.jsonl` (the held-out responses, to which
-the demo preference rule of `rlhf.demo_rule` is applied), and the plots' paths.
+the demo preference rule of `rlhf.demo_rule` is applied), and the plots' paths. `dpo_training.py
+--heldout_samples N` writes the same two files (its `summary.json` names its `algorithm`, and has no
+reward-model score: that row reads n/a), and a DPO pipeline has no reward model (`--rm_dir ""`).
 
 Usage::
 
     python -m rlhf.report --rm_dir outputs/demo/rm --ppo_dir outputs/demo/ppo --output outputs/demo/report.md
+    python -m rlhf.report --rm_dir "" --policy_dir outputs/demo/dpo --output outputs/demo/report.md
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ def one_line(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def build_report(rm_dir: Path, ppo_dir: Path, num_examples: int = 3) -> tuple[str, dict]:
-    rm_eval = read_json(rm_dir / "eval_results.json")
+def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> tuple[str, dict]:
+    rm_eval = read_json(rm_dir / "eval_results.json") if rm_dir is not None else {}
     summary = read_json(ppo_dir / "summary.json")
+    algorithm = str(summary.get("algorithm", "ppo")).upper()
     samples_path = ppo_dir / "eval_samples.jsonl"
     samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     prompts = [s["prompt"] for s in samples]
@@ -56,6 +60,7 @@ def build_report(rm_dir: Path, ppo_dir: Path, num_examples: int = 3) -> tuple[st
         "rm_accuracy": rm_eval.get("eval_accuracy"),
         "rm_mean_margin": rm_eval.get("eval_mean_margin"),
         "rm_eval_samples": rm_eval.get("eval_samples"),
+        "algorithm": algorithm.lower(),
         "ppo_steps": summary.get("steps"),
         "heldout_prompts": len(samples),
         "reward_before": before.get("eval/raw_scores"),
@@ -69,14 +74,16 @@ def build_report(rm_dir: Path, ppo_dir: Path, num_examples: int = 3) -> tuple[st
     def fmt(value) -> str:
         return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
+    rm_line = (f"Reward model held-out accuracy: {fmt(numbers['rm_accuracy'])} "
+               f"(mean margin {fmt(numbers['rm_mean_margin'])}, {numbers['rm_eval_samples']} pairs)"
+               if rm_dir is not None else "No reward model (DPO learns from the preference pairs directly)")
     lines = [
         "# RLHF pipeline report",
         "",
-        f"Reward model held-out accuracy: {fmt(numbers['rm_accuracy'])} "
-        f"(mean margin {fmt(numbers['rm_mean_margin'])}, {numbers['rm_eval_samples']} pairs)",
-        f"PPO: {numbers['ppo_steps']} steps; evaluated on {len(samples)} held-out prompts",
+        rm_line,
+        f"{algorithm}: {numbers['ppo_steps']} steps; evaluated on {len(samples)} held-out prompts",
         "",
-        "| held-out metric | before PPO | after PPO |",
+        f"| held-out metric | before {algorithm} | after {algorithm} |",
         "|---|---|---|",
         f"| mean reward-model score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
         f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} |",
@@ -97,15 +104,19 @@ def build_report(rm_dir: Path, ppo_dir: Path, num_examples: int = 3) -> tuple[st
             f"  - before: {one_line(sample['response_before'])}",
             f"  - after:  {one_line(sample['response_after'])}",
         ]
-    plots = [p for p in (rm_dir / "training_curves.png", Path(summary["paths"].get("plot") or "")) if p.is_file()]
+    plot_paths = ([rm_dir / "training_curves.png"] if rm_dir is not None else []) + [Path(summary["paths"].get("plot") or "")]
+    plots = [p for p in plot_paths if p.is_file()]
     lines += ["", "## Plots", *[f"- {p}" for p in plots]]
     return "\n".join(lines) + "\n", numbers
 
 
 @dataclass
 class ReportArguments:
-    rm_dir: str = field(default="outputs/demo/rm", metadata={"help": "reward_modeling.py output_dir."})
+    rm_dir: str = field(default="outputs/demo/rm", metadata={"help": "reward_modeling.py output_dir (\"\": none)."})
     ppo_dir: str = field(default="outputs/demo/ppo", metadata={"help": "rl_training.py output_dir."})
+    policy_dir: str | None = field(
+        default=None, metadata={"help": "The RL or DPO stage's output_dir (its summary.json); overrides --ppo_dir."}
+    )
     output: str = field(default="outputs/demo/report.md", metadata={"help": "Markdown report to write."})
 
 
@@ -113,7 +124,7 @@ def main() -> None:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(ReportArguments).parse_args_into_dataclasses()
-    text, numbers = build_report(Path(args.rm_dir), Path(args.ppo_dir))
+    text, numbers = build_report(Path(args.rm_dir) if args.rm_dir else None, Path(args.policy_dir or args.ppo_dir))
     Path(args.output).write_text(text)
     Path(args.output).with_suffix(".json").write_text(json.dumps(numbers, indent=2))
     print(text)

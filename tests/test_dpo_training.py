@@ -146,3 +146,15 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
     assert "Traceback" not in err[0]
+
+
+def test_report_reads_the_dpo_summary_without_a_reward_model(trained):
+    from rlhf.report import build_report
+
+    output, _ = trained
+    text, numbers = build_report(None, output)
+    assert numbers["algorithm"] == "dpo" and numbers["heldout_prompts"] == 4
+    assert "| held-out metric | before DPO | after DPO |" in text
+    assert "No reward model" in text and "| mean reward-model score | n/a | n/a |" in text
+    assert "rule_score" in numbers["rule_before"] and "rule_score" in numbers["rule_after"]
+    assert str(output / "training_curves.png") in text
