@@ -83,13 +83,11 @@ class FinetuneArguments:
             )
 
 
-def tokenize_split(dataset, tokenizer, args: FinetuneArguments, template: str, workers: int | None):
-    add_special = template == "plain"
-
+def tokenize_split(dataset, tokenizer, args: FinetuneArguments, workers: int | None):
     def tokenize(row: dict) -> dict:
         return tokenize_example(
             row["prompt"], row["chosen"], tokenizer, args.max_seq_length, args.max_source_length,
-            args.train_on_inputs, add_special,
+            args.train_on_inputs,
         )
 
     tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, num_proc=workers, desc="Tokenizing")
@@ -126,11 +124,11 @@ def main() -> None:
     template = resolve_template(data_args.prompt_template, tokenizer)
     with training_args.main_process_first(desc="preprocessing"):
         train_text, fmt = prepare_examples(train_raw, train_source, tokenizer, template, allow_sft=True)
-        train_set = tokenize_split(train_text, tokenizer, ft_args, template, data_args.preprocessing_num_workers)
+        train_set = tokenize_split(train_text, tokenizer, ft_args, data_args.preprocessing_num_workers)
         eval_set = None
         if eval_raw is not None:
             eval_text, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=True)
-            eval_set = tokenize_split(eval_text, tokenizer, ft_args, template, data_args.preprocessing_num_workers)
+            eval_set = tokenize_split(eval_text, tokenizer, ft_args, data_args.preprocessing_num_workers)
     logger.info("Data: %s format, %d training %s", fmt, len(train_set), "blocks" if ft_args.dataset_concatenation else "examples")
 
     from transformers import set_seed

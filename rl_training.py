@@ -5,7 +5,8 @@ The policy is the SFT model with a LoRA adapter and a value head on its last hid
 reference log-probs come from the same model with the adapter disabled (no second copy).
 ``--peft none`` trains the whole model against a frozen reference copy (small models only).
 The algorithm lives in ``rlhf/ppo.py``; this script loads models and data, runs the loop, logs,
-checkpoints, evaluates on held-out prompts before and after, and saves the result.
+checkpoints, evaluates on held-out prompts before and after, and saves the result. Every PPO
+setting is a field of ``rlhf.ppo.PPOConfig``, parsed from the command line as it is (``--help``).
 
 Usage::
 
@@ -25,12 +26,14 @@ Usage::
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one row per step), ``training_curves.png``,
 ``checkpoint-<step>/`` every ``--save_freq`` steps, the final adapter + ``value_head.safetensors``,
-``merged/`` (the policy with LoRA merged, ready for ``from_pretrained``), ``summary.json`` (held-out
-score and KL before/after) and ``eval_samples.jsonl`` (held-out prompts with responses before/after).
+``merged/`` (the policy with LoRA merged, ready for ``from_pretrained``), ``summary.json`` (first the
+reward model's raw held-out score before/after and whether it improved, then KL, length, and the
+missing-EOS penalty apart) and ``eval_samples.jsonl`` (held-out prompts with responses before/after).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.arguments import parse_stage_args, public_dict
+from rlhf.arguments import check_trackers_installed, parse_stage_args, public_dict
 from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, latest_checkpoint, prune_checkpoints
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
@@ -52,59 +55,32 @@ from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_se
 from rlhf.plotting import plot_curves
 from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
 from rlhf.reward import RewardScorer
+from rlhf.tokenization import encode_text, keep_end
 
 logger = logging.getLogger("rlhf")
 
 CURVE_KEYS = [
-    "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy", "loss/value",
+    "objective/raw_scores", "objective/eos_penalty", "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy", "loss/value",
     "policy/approxkl", "policy/clipfrac", "response/length",
 ]
 WATCHED = ("objective/scores", "objective/kl", "loss/policy", "loss/value")
 TRAINER_STATE = "ppo_state.pt"
 RUN_STATE = "run_state.json"
+SUMMARY = "summary.json"
 
 
 @dataclass
 class ScriptArguments:
-    """The reference's flags (TRL StackLLaMA / optimum-habana rl_training.py) plus what PPO needs today."""
+    """What to train and where to write it. The PPO settings themselves are ``rlhf.ppo.PPOConfig``'s flags."""
 
     model_name: str | None = field(default=None, metadata={"help": "SFT model (merged) to start from."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     reward_model_name: str | None = field(default=None, metadata={"help": "Reward model from reward_modeling.py."})
     log_with: str | None = field(default=None, metadata={"help": "wandb or tensorboard (besides metrics.jsonl)."})
-    learning_rate: float = field(default=1.41e-5, metadata={"help": "Adam (or Adafactor) learning rate."})
-    input_max_length: int = field(default=512, metadata={"help": "Longest prompt in tokens (longer keep their end)."})
-    output_max_length: int = field(default=128, metadata={"help": "Most new tokens per response."})
-    output_min_length: int | None = field(
-        default=None, metadata={"help": "If set, sample each batch's response length in [min, max) as the reference."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0: off)."})
-    mini_batch_size: int = field(default=1, metadata={"help": "PPO minibatch size."})
-    batch_size: int = field(default=32, metadata={"help": "Rollouts per PPO step (per process)."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Optimisation epochs per batch."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Minibatches per optimizer step."})
-    adafactor: bool = field(default=False, metadata={"help": "Use Adafactor instead of Adam."})
-    early_stopping: bool = field(default=False, metadata={"help": "Stop a step's epochs when policy KL > 1.5 target_kl."})
-    target_kl: float = field(default=0.1, metadata={"help": "KL threshold for --early_stopping."})
-    init_kl_coef: float = field(default=0.2, metadata={"help": "Initial KL penalty coefficient."})
-    adap_kl_ctrl: bool = field(default=True, metadata={"help": "Adaptive KL controller (else fixed)."})
-    target: float = field(default=6.0, metadata={"help": "Target KL of the adaptive controller."})
-    horizon: float = field(default=10000.0, metadata={"help": "Horizon of the adaptive controller."})
-    reward_baseline: float = field(default=0.0, metadata={"help": "Subtracted from every reward-model score."})
     normalize_reward: bool = field(default=False, metadata={"help": "Normalise scores with the RM's stored mean/std."})
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted when a response has no EOS."})
-    score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-c, c]."})
-    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     batched_gen: bool = field(default=False, metadata={"help": "Generate the whole batch at once (else one by one)."})
     reward_batch_size: int = field(default=16, metadata={"help": "Texts per reward-model forward."})
+    pad_max_len: int | None = field(default=None, metadata={"help": "Static reward-model input length."})
     steps: int = field(default=20000, metadata={"help": "Most PPO steps."})
     num_train_epochs: int = field(default=1, metadata={"help": "Passes over the prompts (capped by --steps)."})
     save_freq: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
@@ -112,7 +88,6 @@ class ScriptArguments:
     output_dir: str = field(default="runs/", metadata={"help": "Where everything is written."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir holding another run."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint path, or true: newest."})
-    seed: int = field(default=0, metadata={"help": "Random seed."})
     peft: str = field(default="lora", metadata={"help": "lora, or none (full fine-tune, frozen reference copy)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -121,9 +96,6 @@ class ScriptArguments:
     eval_samples: int = field(default=32, metadata={"help": "Held-out prompts evaluated before and after (0: off)."})
     num_shown_samples: int = field(default=4, metadata={"help": "Responses shown in summary.json and the log."})
     skip_nonfinite_rewards: bool = field(default=False, metadata={"help": "Skip a batch whose rewards are NaN/inf."})
-    pad_for_acceleration: bool = field(default=False, metadata={"help": "Static shapes (HPU graphs); on HPU: always."})
-    pad_max_input_len: int | None = field(default=None, metadata={"help": "Static prompt width (default input_max_length)."})
-    pad_max_len: int | None = field(default=None, metadata={"help": "Static reward-model input length."})
     merge_final: bool = field(default=True, metadata={"help": "Also save the merged policy in output_dir/merged."})
     bf16: bool = field(default=False, metadata={"help": "Load models in bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
@@ -131,31 +103,16 @@ class ScriptArguments:
     def check(self) -> None:
         if self.log_with not in (None, "wandb", "tensorboard"):
             raise UserError(f"--log_with {self.log_with!r} is not supported; use wandb or tensorboard")
+        check_trackers_installed([self.log_with] if self.log_with else [], "--log_with")
         if self.peft not in ("lora", "none"):
             raise UserError(f"--peft {self.peft!r} is not supported; use lora or none")
-        for name in ("input_max_length", "output_max_length", "steps", "num_train_epochs", "reward_batch_size"):
+        for name in ("steps", "num_train_epochs", "reward_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} {getattr(self, name)} must be positive")
-        if self.output_min_length is not None and not 1 <= self.output_min_length < self.output_max_length:
-            raise UserError("--output_min_length must be >= 1 and below --output_max_length")
         if self.save_freq is not None and self.save_freq <= 0:
             raise UserError(f"--save_freq {self.save_freq} must be positive")
-        if self.eval_samples < 0 or not 0 <= self.lora_dropout < 1 or self.temperature <= 0:
-            raise UserError("--eval_samples >= 0, 0 <= --lora_dropout < 1 and --temperature > 0 are required")
-
-    def ppo_config(self, static_shapes: bool) -> PPOConfig:
-        return PPOConfig(
-            batch_size=self.batch_size, mini_batch_size=self.mini_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps, ppo_epochs=self.ppo_epochs,
-            learning_rate=self.learning_rate, init_kl_coef=self.init_kl_coef, adap_kl_ctrl=self.adap_kl_ctrl,
-            target=self.target, horizon=self.horizon, gamma=self.gamma, lam=self.lam, cliprange=self.cliprange,
-            cliprange_value=self.cliprange_value, vf_coef=self.vf_coef, early_stopping=self.early_stopping,
-            target_kl=self.target_kl, max_grad_norm=self.max_grad_norm, whiten_rewards=self.whiten_rewards,
-            score_clip=self.score_clip, missing_eos_penalty=self.missing_eos_penalty,
-            reward_baseline=self.reward_baseline, seed=self.seed,
-            pad_max_input_len=(self.pad_max_input_len or self.input_max_length) if static_shapes else None,
-            pad_responses_to_max_new_tokens=static_shapes,
-        )
+        if self.eval_samples < 0 or not 0 <= self.lora_dropout < 1:
+            raise UserError("--eval_samples >= 0 and 0 <= --lora_dropout < 1 are required")
 
 
 class StopRequest:
@@ -187,9 +144,9 @@ def distinct_prompts(prompts: list[str], source: str) -> list[str]:
     return distinct
 
 
-def load_prompts(data_args: DataArguments, args: ScriptArguments, tokenizer, world: int, rank: int):
+def load_prompts(data_args: DataArguments, config: PPOConfig, eval_samples: int, tokenizer, world: int, rank: int):
     """(training prompts for this rank, held-out prompts) as rendered prompt texts."""
-    train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=args.seed)
+    train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=config.seed)
     template = resolve_template(data_args.prompt_template, tokenizer)
     train, _ = prepare_examples(train_raw, train_source, tokenizer, template, allow_sft=True)
     prompts = distinct_prompts(train["prompt"], train_source)
@@ -199,35 +156,34 @@ def load_prompts(data_args: DataArguments, args: ScriptArguments, tokenizer, wor
     if eval_raw is not None:
         evaluation, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=True)
         held_out = distinct_prompts(evaluation["prompt"], eval_source)
-    elif args.eval_samples:
-        shuffled = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        cut = min(args.eval_samples, len(prompts) // 5)
+    elif eval_samples:
+        shuffled = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        cut = min(eval_samples, len(prompts) // 5)
         held_out = [prompts[i] for i in shuffled[:cut]]
         prompts = [prompts[i] for i in sorted(shuffled[cut:])]
-    held_out = held_out[: args.eval_samples]
+    held_out = held_out[:eval_samples]
     # The same number of prompts on every rank (drop at most world - 1): the ranks' step counts must
     # agree, or the one with more steps waits forever in a collective the others never join.
     prompts = prompts[: len(prompts) - len(prompts) % world][rank::world]
-    if len(prompts) < args.batch_size:
+    if len(prompts) < config.batch_size:
         raise UserError(
-            f"{train_source}: {len(prompts)} prompts per process, fewer than --batch_size {args.batch_size}; "
+            f"{train_source}: {len(prompts)} prompts per process, fewer than --batch_size {config.batch_size}; "
             "lower --batch_size or give more data"
         )
     return prompts, held_out
 
 
 def all_ranks_agree(flag: bool, accelerator) -> bool:
-    """True if ``flag`` is true on every process, so all ranks take the same branch (one process: ``flag``)."""
-    if accelerator is None or accelerator.num_processes == 1:
+    """True if ``flag`` is true on every process, so all ranks take the same branch."""
+    if accelerator.num_processes == 1:
         return flag
     failed = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
     return accelerator.reduce(failed, reduction="sum").item() == 0
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], max_length: int) -> list[torch.Tensor]:
-    """Prompts as they are rendered (chat template already applied), keeping the end when too long."""
-    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    return [torch.tensor(ids[-max_length:], dtype=torch.long) for ids in encoded]
+    """Rendered prompts as token ids, encoded as SFT encoded them (``rlhf.tokenization``), keeping the end."""
+    return [torch.tensor(keep_end(encode_text(tokenizer, p), max_length), dtype=torch.long) for p in prompts]
 
 
 def batch_for_step(num_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -238,12 +194,12 @@ def batch_for_step(num_prompts: int, batch_size: int, step: int, seed: int) -> l
     return order[index * batch_size : (index + 1) * batch_size]
 
 
-def build_policy(args: ScriptArguments, backend, resume_dir: Path | None):
+def build_policy(args: ScriptArguments, seed: int, backend, resume_dir: Path | None):
     """SFT model + LoRA (or full weights) + value head; from the checkpoint when resuming."""
     model_path = check_model_path(args.model_name, "--model_name")
     dtype = backend.torch_dtype(bf16=args.bf16)
     base = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    torch.manual_seed(args.seed)  # LoRA and value-head initialisation: the same for the same --seed
+    torch.manual_seed(seed)  # LoRA and value-head initialisation: the same for the same --seed
     ref_model = None
     if args.peft == "lora":
         from peft import PeftModel, get_peft_model
@@ -283,15 +239,6 @@ def check_reward_model_config(reward_path: str, trust_remote_code: bool) -> None
         )
 
 
-def make_optimizer(policy, args: ScriptArguments):
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if args.adafactor:
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.Adam(params, lr=args.learning_rate)
-
-
 def resolve_resume(args: ScriptArguments) -> Path | None:
     value = args.resume_from_checkpoint
     if value is None or value.lower() in ("false", "none", ""):
@@ -317,12 +264,20 @@ def check_output_dir(args: ScriptArguments, resuming: bool) -> None:
     )
 
 
+def finished_steps(output_dir: str) -> int | None:
+    """Steps of the finished run in ``output_dir`` (its summary.json), or None if none finished there."""
+    summary = Path(output_dir) / SUMMARY
+    if not summary.is_file():
+        return None
+    return int(json.loads(summary.read_text()).get("steps", 0))
+
+
 def save_checkpoint(trainer: PPOTrainer, output_dir: str, step: int, args: ScriptArguments) -> Path:
     final = Path(output_dir) / f"checkpoint-{step}"
     with atomic_directory(final) as folder:
         trainer.policy.save_pretrained(str(folder))
         torch.save(trainer.state_dict(), folder / TRAINER_STATE)
-        (folder / RUN_STATE).write_text(json.dumps({"step": step, "seed": args.seed}))
+        (folder / RUN_STATE).write_text(json.dumps({"step": step, "seed": trainer.config.seed}))
     prune_checkpoints(output_dir, args.save_total_limit)
     return final
 
@@ -337,34 +292,52 @@ def check_finite(stats: dict, step: int) -> None:
             )
 
 
-def evaluate(trainer: PPOTrainer, tokenizer, prompts: list[str], args: ScriptArguments, label: str) -> dict:
-    """Mean reward-model score and KL to the reference on held-out prompts, with the responses."""
+def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], label: str) -> dict:
+    """Reward-model score, EOS penalty and KL to the reference on held-out prompts, with the responses."""
     if not prompts:
         return {"metrics": {}, "responses": []}
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
-    torch.manual_seed(args.seed + 1234)  # same sampling noise before and after training
-    metrics, samples = trainer.evaluate(prompts, batch_size=args.batch_size, return_samples=True)
+    torch.manual_seed(trainer.config.seed + 1234)  # same sampling noise before and after training
+    metrics, samples = trainer.evaluate(prompts, prompt_ids)
     torch.set_rng_state(generator_state)
-    logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start, metrics)
-    return {"metrics": metrics, "responses": [s["response"] for s in samples], "scores": [s["score"] for s in samples]}
+    logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start,
+                ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return {"metrics": metrics, "responses": [s["response"] for s in samples],
+            "raw_scores": [s["raw_score"] for s in samples], "scores": [s["score"] for s in samples]}
 
 
-def setup_tracker(args: ScriptArguments, config: dict, is_main: bool):
-    """accelerate's tracker for --log_with (wandb or tensorboard), main process only."""
-    if not args.log_with or not is_main:
-        return None
-    from accelerate import Accelerator
+def before_after(before: dict, after: dict, key: str) -> dict:
+    first, last = before.get(key), after.get(key)
+    change = None if first is None or last is None else last - first
+    return {"before": first, "after": last, "change": change}
 
-    tracker = Accelerator(cpu=True, log_with=args.log_with, project_dir=args.output_dir)
-    tracker.init_trackers("rl_training", config=config)
-    return tracker
+
+def verdict(change: float | None) -> str:
+    if change is None:
+        return "not evaluated"
+    return "improved" if change > 0 else ("WORSE" if change < 0 else "unchanged")
+
+
+def result_line(steps: int, result: dict) -> str:
+    """The run's last line: the reward model's raw held-out score first, the penalty apart from it."""
+    score, kl, penalty, length = (result[k] for k in ("reward_model_score", "kl_to_reference", "eos_penalty",
+                                                       "response_length"))
+    if score["change"] is None:
+        return f"Done: {steps} steps (no held-out evaluation: --eval_samples 0 or no held-out prompts)."
+    line = (f"Done: {steps} steps. Held-out reward-model score {score['before']:.3f} -> {score['after']:.3f} "
+            f"({result['verdict']}, {score['change']:+.3f}); KL to reference {kl['before']:.3f} -> {kl['after']:.3f}; "
+            f"response length {length['before']:.1f} -> {length['after']:.1f} tokens")
+    if penalty["before"] or penalty["after"]:
+        line += (f"; missing-EOS penalty {penalty['before']:.3f} -> {penalty['after']:.3f} "
+                 "(shapes the training score, not part of the reward-model score)")
+    return line + "."
 
 
 def main() -> None:
     dist = setup_distributed_env()
-    parsed = parse_stage_args((ScriptArguments, DataArguments), False, sys.argv[1:])
-    args, data_args = parsed.values
+    parsed = parse_stage_args((ScriptArguments, PPOConfig, DataArguments), False, sys.argv[1:])
+    args, config, data_args = parsed.values
     backend = parsed.backend
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -372,17 +345,23 @@ def main() -> None:
     data_args.check(default_dataset="Intel/orca_dpo_pairs")
     if not args.model_name or not args.reward_model_name:
         raise UserError("--model_name and --reward_model_name are required")
-    resume_dir = resolve_resume(args)
-    check_output_dir(args, resume_dir is not None)
-    static_shapes = backend.is_gaudi or args.pad_for_acceleration
-    ppo_config = args.ppo_config(static_shapes)
+    if backend.is_gaudi and not config.pad_for_acceleration:
+        config = dataclasses.replace(config, pad_for_acceleration=True)  # HPU graphs need static shapes
+    resume_requested = (args.resume_from_checkpoint or "").lower() not in ("", "false", "none")
+    check_output_dir(args, resume_requested)
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
 
     tokenizer = load_tokenizer(args.tokenizer_name or check_model_path(args.model_name, "--model_name"),
                                padding_side="left", trust_remote_code=args.trust_remote_code)
-    prompts, held_out = load_prompts(data_args, args, tokenizer, dist.world_size, dist.rank)
-    steps_per_epoch = len(prompts) // args.batch_size
+    prompts, held_out = load_prompts(data_args, config, args.eval_samples, tokenizer, dist.world_size, dist.rank)
+    steps_per_epoch = len(prompts) // config.batch_size
     total_steps = min(args.steps, steps_per_epoch * args.num_train_epochs)
+    done = finished_steps(args.output_dir) if resume_requested else None
+    if done is not None and done >= total_steps:
+        logger.info("%s holds a run that already finished at step %d of %d; nothing to do (outputs left as they "
+                    "are). To train further, raise --steps or --num_train_epochs.", args.output_dir, done, total_steps)
+        return
+    resume_dir = resolve_resume(args)
 
     reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
     check_reward_model_config(reward_path, args.trust_remote_code)
@@ -390,53 +369,59 @@ def main() -> None:
     reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=backend.torch_dtype(bf16=args.bf16))
     reward_model.to(torch.device(backend.device)).requires_grad_(False)
     reward_fn = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
-                             max_length=args.pad_max_len or args.input_max_length + args.output_max_length,
-                             normalize=args.normalize_reward, pad_to_max_length=static_shapes)
+                             max_length=args.pad_max_len or config.input_max_length + config.output_max_length,
+                             normalize=args.normalize_reward, pad_to_max_length=config.pad_for_acceleration)
 
-    policy = build_policy(args, backend, resume_dir)
+    policy = build_policy(args, config.seed, backend, resume_dir)
     backend.wrap_for_generation(policy.model)
-    accelerator = backend.make_accelerator() if dist.world_size > 1 or backend.is_gaudi else None
-    generation = {"max_new_tokens": args.output_max_length, "do_sample": True, "temperature": args.temperature,
-                  "top_k": args.top_k, "top_p": args.top_p}
-    trainer = PPOTrainer(ppo_config, policy, tokenizer, reward_fn, optimizer=make_optimizer(policy, args),
-                         accelerator=accelerator, generation_kwargs=generation, mark_step=backend.mark_step())
-    length_sampler = LengthSampler(args.output_min_length, args.output_max_length) if args.output_min_length else None
-
     output_dir = Path(args.output_dir)
+    accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir))
+    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator, mark_step=backend.mark_step())
+    length_sampler = LengthSampler(config.output_min_length, config.output_max_length) if config.output_min_length else None
+
     is_main = dist.rank == 0
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None:
+            (output_dir / SUMMARY).unlink(missing_ok=True)  # a new run: a stale summary must not say it finished
     start_step = 0
     if resume_dir is not None:
         trainer.load_state_dict(torch.load(resume_dir / TRAINER_STATE, weights_only=True))
         start_step = checkpoint_step(resume_dir)
         logger.info("Resuming from %s at step %d", resume_dir, start_step)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_dir else None) if is_main else None
-    run_config = {**public_dict(args), **public_dict(data_args), "world_size": dist.world_size}
-    tracker = setup_tracker(args, run_config, is_main)
+    if args.log_with:
+        run_config = {**public_dict(args), **public_dict(config), **public_dict(data_args),
+                      "world_size": dist.world_size}
+        # wandb writes beside the run's other outputs (offline: output_dir/wandb/offline-run-*), not into the cwd.
+        accelerator.init_trackers("rl_training", config=run_config, init_kwargs={"wandb": {"dir": str(output_dir)}})
 
+    held_out_ids = prompt_token_ids(tokenizer, held_out, config.input_max_length)
     before_file = output_dir / "eval_before.json"
     if resume_dir is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
-        before = evaluate(trainer, tokenizer, held_out, args, "before PPO")
+        before = evaluate(trainer, held_out, held_out_ids, "before PPO")
         if is_main:
             before_file.write_text(json.dumps(before))
 
     logger.info("PPO: %d steps of %d rollouts x %d processes (%d prompts per process)",
-                total_steps, args.batch_size, dist.world_size, len(prompts))
+                total_steps, config.batch_size, dist.world_size, len(prompts))
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not is_main, dynamic_ncols=True)
     step = start_step
     try:
         while step < total_steps:
-            indices = batch_for_step(len(prompts), args.batch_size, step, args.seed)
+            indices = batch_for_step(len(prompts), config.batch_size, step, config.seed)
             batch_prompts = [prompts[i] for i in indices]
-            prompt_ids = prompt_token_ids(tokenizer, batch_prompts, args.input_max_length)
+            prompt_ids = prompt_token_ids(tokenizer, batch_prompts, config.input_max_length)
+            started = time.perf_counter()
             responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
                                          batch_size=None if args.batched_gen else 1)
-            scores = trainer.score(batch_prompts, trainer.decode_responses(responses), trainer.ended_with_eos(responses))
-            if not all_ranks_agree(bool(torch.isfinite(scores).all()), accelerator):
+            generated = time.perf_counter()
+            scores = trainer.score(batch_prompts, responses)
+            timings = {"time/generate_s": generated - started, "time/score_s": time.perf_counter() - generated}
+            if not all_ranks_agree(bool(torch.isfinite(scores.shaped).all()), accelerator):
                 if not args.skip_nonfinite_rewards:
                     raise TrainingDiverged(f"reward is not finite at step {step + 1}; fix the reward model, "
                                            "or pass --skip_nonfinite_rewards to skip such batches")
@@ -444,14 +429,15 @@ def main() -> None:
                 step += 1
                 bar.update(1)
                 continue
-            stats = trainer.step(prompt_ids, responses, scores)
+            stats = trainer.step(prompt_ids, responses, scores, timings)
             step += 1
             check_finite(stats, step)
             if is_main:
                 metrics_log.append({"step": step, **stats})
-                if tracker is not None:
-                    tracker.log(stats, step=step)
-            bar.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            if args.log_with:
+                accelerator.log(stats, step=step)
+            bar.set_postfix(rm_score=f"{stats['objective/raw_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}",
+                            eos_penalty=f"{stats['objective/eos_penalty']:.2f}")
             bar.update(1)
             if is_main and args.save_freq and step % args.save_freq == 0:
                 save_checkpoint(trainer, args.output_dir, step, args)
@@ -466,7 +452,9 @@ def main() -> None:
     finally:
         bar.close()  # before any one-line exit message, so it is not glued to the bar
 
-    after = evaluate(trainer, tokenizer, held_out, args, "after PPO")
+    after = evaluate(trainer, held_out, held_out_ids, "after PPO")
+    if args.log_with:
+        accelerator.end_training()
     if not is_main:
         return
     rows = metrics_log.rows()
@@ -480,27 +468,33 @@ def main() -> None:
         model.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     samples = [
-        {"prompt": p, "response_before": rb, "response_after": ra, "score_before": sb, "score_after": sa}
+        {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa}
         for p, rb, ra, sb, sa in zip(held_out, before.get("responses", []), after["responses"],
-                                     before.get("scores", []), after.get("scores", []))
+                                     before.get("raw_scores", []), after.get("raw_scores", []))
     ]
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
+    first, last = before.get("metrics", {}), after["metrics"]
+    result = {
+        "reward_model_score": before_after(first, last, "eval/raw_scores"),
+        "kl_to_reference": before_after(first, last, "eval/kl"),
+        "response_length": before_after(first, last, "eval/response_length"),
+        "eos_penalty": before_after(first, last, "eval/eos_penalty"),
+        "training_score": before_after(first, last, "eval/scores"),
+    }
+    result["verdict"] = verdict(result["reward_model_score"]["change"])
     summary = {
+        "result": result,
+        "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
-        "eval_before": before.get("metrics", {}), "eval_after": after["metrics"],
+        "eval_before": first, "eval_after": last,
         "samples": samples[: args.num_shown_samples],
         "paths": {"metrics": str(output_dir / "metrics.jsonl"), "plot": str(plot) if plot else None,
                   "adapter": str(output_dir), "merged": str(merged_dir) if merged_dir else None,
                   "eval_samples": str(output_dir / "eval_samples.jsonl")},
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if tracker is not None:
-        tracker.end_training()
-    logger.info("Done: %d steps. Held-out score %.3f -> %.3f, KL %.3f -> %.3f. Summary: %s", step,
-                summary["eval_before"].get("eval/scores", float("nan")), summary["eval_after"].get("eval/scores", float("nan")),
-                summary["eval_before"].get("eval/kl", float("nan")), summary["eval_after"].get("eval/kl", float("nan")),
-                output_dir / "summary.json")
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    logger.info("%s Summary: %s", result_line(step, result), output_dir / SUMMARY)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,21 @@ def check_deepspeed_flag(argv: list[str]) -> None:
                         "Habana's fork), or drop --deepspeed to train with plain data parallelism")
 
 
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio", "swanlab": "swanlab"}
+
+
+def check_trackers_installed(names: list[str], flag: str) -> None:
+    """Refuse a logging backend whose package is missing (transformers and accelerate only warn, then log nothing)."""
+    import importlib.util
+
+    for name in names:
+        package = TRACKER_PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise UserError(f"{flag} {name}: the {package} package is not installed, so nothing would be logged; "
+                            f"pip install {package} (make setup installs wandb and tensorboard) or drop the flag")
+
+
 def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv: list[str]) -> ParsedArgs:
     """Parse ``argv`` into ``arg_types`` (+ the backend's TrainingArguments when asked)."""
     argv = normalise_argv(argv)
@@ -194,6 +209,10 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)}; see --help for the flags this script takes")
     training_args = parsed[-1] if with_training_args else None
+    if training_args is not None:
+        reports = training_args.report_to or []
+        reports = [reports] if isinstance(reports, str) else list(reports)
+        check_trackers_installed([r for r in reports if r not in ("none", "all")], "--report_to")
     values = []
     for original, value in zip(types, parsed):
         if with_training_args and value is training_args:

@@ -18,21 +18,19 @@ Pieces (each a short function, unit-tested):
     ppo_losses                                      clipped policy and value losses
     ValueHead / PolicyWithValueHead                 one forward gives logits and values; the
                                                     reference is the same model, adapter disabled
-    PPOConfig / PPOTrainer                          rollout (generate), score, step, checkpoints
+    PPOConfig                                       every PPO setting, once (it is the CLI)
+    PPOTrainer                                      generate, score, step, evaluate, checkpoints
 
-Typical loop (see ``rl_training.py``)::
+The loop (``rl_training.py``), TRL 0.11 style::
 
-    policy = PolicyWithValueHead(get_peft_model(sft_model, lora_config))
-    trainer = PPOTrainer(PPOConfig(batch_size=16, mini_batch_size=4), policy, tokenizer, reward_fn,
-                         generation_kwargs={"max_new_tokens": 128, "top_p": 1.0})
-    for prompts in batches:                     # list[str] (or list of 1-D token id tensors)
-        stats = trainer.train_step(prompts)     # generate -> decode -> score -> step
-
-or, step by step (TRL 0.11 style)::
-
-    responses = trainer.generate(prompt_ids)                        # list of 1-D tensors
-    scores = trainer.score(prompt_texts, response_texts, ended_with_eos)
+    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator)
+    responses = trainer.generate(prompt_ids)            # list of 1-D tensors, cut after EOS
+    scores = trainer.score(prompt_texts, responses)     # Scores(shaped, raw, eos_penalty)
     stats = trainer.step(prompt_ids, responses, scores)
+
+Every log-prob (rollout, reference, update) is ``log_softmax(logits / temperature)``, the
+distribution the responses were sampled from, and old and new log-probs come from the same
+dropout-free forward, so the ratio is exactly 1 until the first optimizer step of a PPO step.
 
 Layout of a batch: prompts are LEFT-padded to a common width P and responses RIGHT-padded to a
 width R, so response token t of every row sits in column P + t; the logits that predict it (and
@@ -48,8 +46,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,6 +55,7 @@ import torch.nn as nn
 
 from rlhf.errors import UserError
 from rlhf.modeling import position_ids_from_mask
+from rlhf.reward import pad_sequences
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -212,10 +211,12 @@ class AdaptiveKLController:
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+        return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+        """Restore the coefficient reached; ``target`` and ``horizon`` stay as constructed (from the
+        command line of the resumed run), so a resume with a new ``--target`` uses it."""
+        self.value = float(state["value"])
 
 
 class FixedKLController:
@@ -444,66 +445,78 @@ def load_value_head(value_head: ValueHead, path: str) -> ValueHead:
 
 
 # --------------------------------------------------------------------------------------------
-# Config
+# Config: every PPO setting, declared once. rl_training.py parses this dataclass itself from the
+# command line (TRL's convention: the config is the CLI), so the help text here is the --help.
 # --------------------------------------------------------------------------------------------
+
+
+def _flag(default, text: str):
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class PPOConfig:
-    """PPO hyper-parameters (names and defaults as in TRL 0.11's ``PPOConfig``).
+    """PPO hyper-parameters. Names as in TRL 0.11's ``PPOConfig``; defaults as the reference script's.
 
     Batch semantics (TRL 0.11): each ``step`` takes ``batch_size`` rollouts (per process). They
     are shuffled every PPO epoch and cut into minibatches of ``mini_batch_size``; gradients of
-    ``gradient_accumulation_steps`` minibatches are accumulated per optimizer step, so one
-    optimizer step sees ``backward_batch_size = mini_batch_size * gradient_accumulation_steps``
-    samples and ``batch_size`` must be a multiple of it. Per ``step`` there are
-    ``ppo_epochs * batch_size / backward_batch_size`` optimizer steps.
+    ``gradient_accumulation_steps`` minibatches are accumulated per optimizer step, so ``batch_size``
+    must be a multiple of ``mini_batch_size * gradient_accumulation_steps``.
 
-    Rewards: ``score = reward - reward_baseline`` (minus ``missing_eos_penalty`` for responses
-    that never produced EOS; clipped to ``[-score_clip, score_clip]`` if set). The per-token KL
-    penalty starts at ``init_kl_coef`` and adapts toward ``target`` (nats per sequence) over
-    ``horizon`` samples when ``adap_kl_ctrl``. With ``early_stopping``, the epochs stop as soon
-    as a minibatch's approximate KL from the rollout policy exceeds ``1.5 * target_kl``; a
-    minibatch whose mean probability ratio exceeds ``ratio_threshold`` is skipped.
-
-    Static shapes (HPU graphs): ``pad_max_input_len`` left-pads every prompt batch to exactly
-    that many tokens; ``pad_responses_to_max_new_tokens`` right-pads every response batch to
-    ``max_new_tokens``; ``pad_to_multiple_of`` rounds both widths up (fewer distinct shapes).
+    Sampling: responses are sampled from ``softmax(logits / temperature)`` and every log-prob PPO
+    uses (rollout, reference, update) comes from that same distribution. Top-k / top-p truncate it,
+    which the log-probs cannot follow (training would be off-policy), so they are refused.
     """
 
-    batch_size: int = 16
-    mini_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
-    learning_rate: float = 1.41e-5
-    init_kl_coef: float = 0.2
-    adap_kl_ctrl: bool = True
-    target: float = 6.0
-    horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    early_stopping: bool = False
-    target_kl: float = 0.1
-    ratio_threshold: float = 10.0
-    max_grad_norm: Optional[float] = 1.0
-    whiten_rewards: bool = False
-    score_clip: Optional[float] = None
-    missing_eos_penalty: Optional[float] = None
-    reward_baseline: float = 0.0
-    seed: Optional[int] = 0
-    pad_max_input_len: Optional[int] = None
-    pad_responses_to_max_new_tokens: bool = False
-    pad_to_multiple_of: Optional[int] = None
+    # rollouts and optimisation
+    batch_size: int = _flag(32, "Rollouts per PPO step, per process.")
+    mini_batch_size: int = _flag(1, "Rollouts per PPO minibatch (one forward/backward).")
+    gradient_accumulation_steps: int = _flag(4, "Minibatches per optimizer step.")
+    ppo_epochs: int = _flag(4, "Optimisation epochs over each batch of rollouts.")
+    learning_rate: float = _flag(1.41e-5, "Adam (or Adafactor) learning rate.")
+    adafactor: bool = _flag(False, "Use Adafactor instead of Adam.")
+    max_grad_norm: float | None = _flag(1.0, "Clip the gradient norm to this (unset: no clipping).")
+    seed: int = _flag(0, "Random seed (sampling, shuffling, LoRA and value-head initialisation).")
+    # KL penalty
+    init_kl_coef: float = _flag(0.2, "Initial coefficient of the per-token KL penalty.")
+    adap_kl_ctrl: bool = _flag(True, "Adapt the KL coefficient toward --target (else keep it fixed).")
+    target: float = _flag(6.0, "Target KL (nats per response) of the adaptive controller.")
+    horizon: float = _flag(10000.0, "Horizon (in rollouts) of the adaptive controller.")
+    # advantages and losses
+    gamma: float = _flag(1.0, "Discount factor.")
+    lam: float = _flag(0.95, "GAE lambda.")
+    cliprange: float = _flag(0.2, "Clip range of the policy ratio.")
+    cliprange_value: float = _flag(0.2, "Clip range of the value predictions.")
+    vf_coef: float = _flag(0.1, "Weight of the value loss.")
+    whiten_rewards: bool = _flag(False, "Whiten per-token rewards before GAE.")
+    early_stopping: bool = _flag(False, "Stop a step's epochs once a minibatch's approx. KL > 1.5 * --target_kl.")
+    target_kl: float = _flag(0.1, "KL threshold for --early_stopping.")
+    ratio_threshold: float = _flag(10.0, "Skip a minibatch whose mean policy ratio exceeds this.")
+    # scores
+    reward_baseline: float = _flag(0.0, "Subtracted from every reward score.")
+    missing_eos_penalty: float | None = _flag(None, "Subtracted from the score of a response without EOS.")
+    score_clip: float | None = _flag(None, "Clip scores to [-c, c].")
+    # sampling
+    input_max_length: int = _flag(512, "Longest prompt in tokens (longer prompts keep their end).")
+    output_max_length: int = _flag(128, "Most new tokens per response.")
+    output_min_length: int | None = _flag(
+        None, "If set, draw each generation batch's length limit from [min, max) (the reference's LengthSampler)."
+    )
+    temperature: float = _flag(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
+    top_k: int = _flag(0, "Must stay 0: top-k sampling makes PPO off-policy.")
+    top_p: float = _flag(1.0, "Must stay 1.0: nucleus sampling makes PPO off-policy.")
+    # static shapes (HPU graphs)
+    pad_for_acceleration: bool = _flag(False, "Static shapes: pad prompts and responses to fixed widths (on HPU: always).")
+    pad_max_input_len: int | None = _flag(None, "Static prompt width (default --input_max_length).")
+    pad_to_multiple_of: int | None = _flag(None, "Round padded widths up to a multiple of this (fewer shapes).")
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise UserError(message)
 
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
+        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                     "input_max_length", "output_max_length"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"--{name} {value} is invalid; use an integer >= 1")
         backward = self.mini_batch_size * self.gradient_accumulation_steps
@@ -514,7 +527,7 @@ class PPOConfig:
             f"use e.g. --batch_size {max(backward, self.batch_size // backward * backward)}",
         )
         for name in ("learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl",
-                     "ratio_threshold"):
+                     "ratio_threshold", "temperature"):
             value = getattr(self, name)
             need(value > 0 and math.isfinite(value), f"--{name} {value} is invalid; use a positive number")
         for name in ("init_kl_coef", "vf_coef"):
@@ -531,6 +544,16 @@ class PPOConfig:
             f"--missing_eos_penalty {self.missing_eos_penalty} is negative; use a number >= 0 (it is subtracted)",
         )
         need(math.isfinite(self.reward_baseline), f"--reward_baseline {self.reward_baseline} is not a finite number")
+        need(
+            self.output_min_length is None or 1 <= self.output_min_length < self.output_max_length,
+            f"--output_min_length {self.output_min_length} must be >= 1 and below --output_max_length "
+            f"{self.output_max_length}",
+        )
+        need(
+            self.top_k == 0 and self.top_p == 1.0,
+            f"--top_k {self.top_k} --top_p {self.top_p}: truncated sampling makes PPO off-policy (its log-probs "
+            "cover the whole vocabulary); keep --top_k 0 --top_p 1.0 and use --temperature",
+        )
         for name in ("pad_max_input_len", "pad_to_multiple_of"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and value >= 1),
@@ -539,6 +562,11 @@ class PPOConfig:
     @property
     def backward_batch_size(self) -> int:
         return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def generation_kwargs(self) -> dict:
+        """``generate`` settings for sampling from ``softmax(logits / temperature)``, nothing truncated."""
+        return {"max_new_tokens": self.output_max_length, "do_sample": True, "temperature": self.temperature,
+                "top_k": 0, "top_p": 1.0}
 
 
 class LengthSampler:
@@ -557,8 +585,17 @@ class LengthSampler:
 # Trainer
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_GENERATION_KWARGS = {"max_new_tokens": 32, "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-PromptsLike = Union[Sequence[torch.Tensor], Sequence[Sequence[int]], torch.Tensor]
+
+class Scores(NamedTuple):
+    """What ``PPOTrainer.score`` returns, per response (float32, on CPU).
+
+    ``shaped`` is what PPO optimises; ``raw`` is the reward function's own output (the reward
+    model's score), the number a user judges the run by; ``eos_penalty`` is the part of
+    ``raw - shaped`` that the missing-EOS penalty took away."""
+
+    shaped: torch.Tensor
+    raw: torch.Tensor
+    eos_penalty: torch.Tensor
 
 
 def _no_op() -> None:
@@ -574,19 +611,16 @@ class PPOTrainer:
 
     Args:
         config: ``PPOConfig``.
-        policy: the trained model with its value head (LoRA via peft, or full fine-tuning with
-            ``ref_model``).
+        policy: the trained model with its value head (LoRA via peft, or a full model with a frozen
+            ``ref_model`` set on the policy).
         tokenizer: its tokenizer; ``eos_token_id`` required, ``pad_token_id`` defaults to EOS.
-        reward_fn: any ``callable(prompts: list[str], responses: list[str]) -> list[float] | Tensor``
-            (a rule, or a reward-model wrapper returning its raw logits); used by ``score``.
-        optimizer: defaults to ``torch.optim.Adam(trainable params, lr=config.learning_rate)``.
-        ref_model: frozen reference model, only for full fine-tuning (LoRA disables the adapter).
-        accelerator: ``accelerate.Accelerator`` or optimum-habana's ``GaudiAccelerator`` (created
-            with ``gradient_accumulation_steps=1``; the trainer accumulates itself). Given, the
-            trainer prepares policy and optimizer with it, uses its ``backward`` /
+        reward_fn: ``callable(prompts: list[str], responses: list[str]) -> list[float] | Tensor``
+            (a rule, or ``rlhf.reward.RewardScorer``); used by ``score``.
+        accelerator: ``accelerate.Accelerator`` (one process: free) or optimum-habana's
+            ``GaudiAccelerator``, created with ``gradient_accumulation_steps=1`` (PPO accumulates
+            itself). The trainer prepares policy and optimizer with it, uses its ``backward`` /
             ``clip_grad_norm_`` and averages stats and early-stop decisions over processes.
-        generation_kwargs: for ``model.generate`` (``max_new_tokens``, ``do_sample``,
-            ``temperature``, ``top_k``, ``top_p``...); defaults to ``DEFAULT_GENERATION_KWARGS``.
+        optimizer: defaults to Adam (or Adafactor with ``config.adafactor``) on the trainable parameters.
         mark_step: called after each backward and optimizer step (HPU lazy mode); default no-op.
     """
 
@@ -596,10 +630,8 @@ class PPOTrainer:
         policy: PolicyWithValueHead,
         tokenizer,
         reward_fn: Callable[[list[str], list[str]], Any],
+        accelerator,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        ref_model: Optional[nn.Module] = None,
-        accelerator=None,
-        generation_kwargs: Optional[dict] = None,
         mark_step: Optional[Callable[[], None]] = None,
     ):
         self.config = config
@@ -608,132 +640,79 @@ class PPOTrainer:
         self.reward_fn = reward_fn
         self.accelerator = accelerator
         self.mark_step = mark_step or _no_op
-        self.generation_kwargs = dict(DEFAULT_GENERATION_KWARGS if generation_kwargs is None else generation_kwargs)
 
         self.eos_token_id = tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise UserError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before PPO")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
-
-        if ref_model is not None:
-            policy.ref_model = ref_model
         if not policy.is_peft and policy.ref_model is None:
             raise UserError(
-                "full fine-tuning PPO needs a frozen reference model; pass ref_model=... or use LoRA (--peft lora)"
+                "full fine-tuning PPO needs a frozen reference model (policy.ref_model); or use LoRA (--peft lora)"
             )
+        if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+            raise UserError(
+                "create the Accelerator with gradient_accumulation_steps=1; PPO accumulates over "
+                "--gradient_accumulation_steps itself"
+            )
+        self.num_processes = accelerator.num_processes
+        _set_seed(config.seed + accelerator.process_index)
+        self._shuffle = torch.Generator().manual_seed(config.seed + accelerator.process_index)
 
-        self.num_processes = 1
-        process_index = 0
-        if accelerator is not None:
-            if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
-                raise UserError(
-                    "create the Accelerator with gradient_accumulation_steps=1; PPO accumulates over "
-                    "--gradient_accumulation_steps itself"
-                )
-            self.num_processes = accelerator.num_processes
-            process_index = accelerator.process_index
-        if config.seed is not None:
-            _set_seed(config.seed + process_index)
-        self._shuffle = torch.Generator().manual_seed(0 if config.seed is None else config.seed + process_index)
-
-        if optimizer is None:
-            params = [p for p in policy.parameters() if p.requires_grad]
-            if not params:
-                raise UserError("the policy has no trainable parameters; add a LoRA adapter or unfreeze the model")
-            optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-        self.optimizer = optimizer
-        self.model: nn.Module = policy  # what the training forward runs through (DDP-wrapped if distributed)
-        if accelerator is not None:
-            self.model, self.optimizer = accelerator.prepare(policy, optimizer)
-            self.device = accelerator.device
-            if policy.ref_model is not None:
-                policy.ref_model.to(self.device)
-        else:
-            self.device = next(policy.parameters()).device
-
+        self.model, self.optimizer = accelerator.prepare(policy, optimizer or make_optimizer(policy, config))
+        self.device = accelerator.device
+        if policy.ref_model is not None:
+            policy.ref_model.to(self.device)
         if config.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
         else:
             self.kl_ctl = FixedKLController(config.init_kl_coef)
         self.current_step = 0
-        self._pending: dict[str, float] = {}  # timings / raw score from generate() and score()
 
     # ---------------------------------------------------------------- padding helpers
 
-    def _as_list(self, prompts: PromptsLike, attention_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-        """Prompts as a list of 1-D long tensors without padding."""
-        if isinstance(prompts, torch.Tensor):
-            if prompts.dim() == 1:
-                prompts = prompts.unsqueeze(0)
-            if attention_mask is None:
-                rows = list(prompts)
-            else:
-                rows = [row[m.bool()] for row, m in zip(prompts, attention_mask)]
-        else:
-            rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
-        rows = [r.to(self.device, torch.long).reshape(-1) for r in rows]
-        if any(r.numel() == 0 for r in rows):
-            raise UserError("an empty prompt reached PPO; drop empty prompts from the dataset")
-        return rows
-
     def _prompt_width(self, longest: int) -> int:
-        fixed = self.config.pad_max_input_len
-        if fixed is not None:
+        cfg = self.config
+        if cfg.pad_for_acceleration:
+            fixed = cfg.pad_max_input_len or cfg.input_max_length
             if longest > fixed:
                 raise UserError(
                     f"a prompt has {longest} tokens, more than --pad_max_input_len {fixed}; "
                     "raise --pad_max_input_len or truncate prompts"
                 )
-            return _round_up(fixed, self.config.pad_to_multiple_of)
-        return _round_up(longest, self.config.pad_to_multiple_of)
-
-    def _left_pad(self, rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        for i, row in enumerate(rows):
-            if row.numel():
-                ids[i, width - row.numel():] = row
-                mask[i, width - row.numel():] = 1
-        return ids, mask
-
-    def _right_pad(self, rows: list[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
-        for i, row in enumerate(rows):
-            ids[i, : row.numel()] = row
-            mask[i, : row.numel()] = 1
-        return ids, mask
+            longest = fixed
+        return _round_up(longest, cfg.pad_to_multiple_of)
 
     def _response_width(self, longest: int) -> int:
-        if self.config.pad_responses_to_max_new_tokens:
-            longest = max(longest, int(self.generation_kwargs.get("max_new_tokens", longest)))
+        if self.config.pad_for_acceleration:
+            longest = max(longest, self.config.output_max_length)
         return _round_up(longest, self.config.pad_to_multiple_of)
+
+    def _pad(self, rows: Sequence[torch.Tensor], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        padded = pad_sequences([r.tolist() for r in rows], self.pad_token_id, side=side, pad_to=width)
+        return padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
 
     # ---------------------------------------------------------------- rollout
 
     @torch.no_grad()
     def generate(
         self,
-        prompts: PromptsLike,
-        attention_mask: Optional[torch.Tensor] = None,
+        prompts: Sequence[torch.Tensor],
         length_sampler: Optional[Callable[[], int]] = None,
         batch_size: Optional[int] = None,
-        **generation_kwargs,
+        **overrides,
     ) -> list[torch.Tensor]:
-        """Sample one response per prompt (KV cache, left-padded prompts, model in eval mode).
+        """Sample one response per prompt (1-D token id tensors), KV cache, left-padded, no dropout.
 
-        ``prompts``: list of 1-D token id tensors/lists, or a padded 2-D tensor (pass its
-        ``attention_mask`` if it has padding). ``length_sampler`` draws ``max_new_tokens`` per
-        generation batch; ``batch_size`` splits the prompts into generation batches (None: all
-        at once). Extra kwargs override ``generation_kwargs``. Returns a list of 1-D tensors, each
-        cut right after its first EOS (EOS included), so a response ended iff its last id is EOS.
+        ``length_sampler`` draws ``max_new_tokens`` per generation batch; ``batch_size`` splits the
+        prompts into generation batches (None: all at once); ``overrides`` change the config's
+        generation settings (benchmarks only: anything but the temperature makes PPO off-policy).
+        Returns 1-D tensors, each cut right after its first EOS (EOS included).
         """
-        start = time.perf_counter()
-        rows = self._as_list(prompts, attention_mask)
-        kwargs = {**self.generation_kwargs, **generation_kwargs}
-        kwargs.setdefault("pad_token_id", self.pad_token_id)
-        kwargs.setdefault("eos_token_id", self.eos_token_id)
-        kwargs["use_cache"] = True
+        rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+        if any(r.numel() == 0 for r in rows):
+            raise UserError("an empty prompt reached PPO; drop empty prompts from the dataset")
+        kwargs = {**self.config.generation_kwargs(), **overrides, "use_cache": True,
+                  "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
         was_training = self.policy.training
         self.policy.eval()
         responses: list[torch.Tensor] = []
@@ -744,10 +723,8 @@ class PPOTrainer:
                 if length_sampler is not None:
                     kwargs["max_new_tokens"] = int(length_sampler())
                 width = self._prompt_width(max(r.numel() for r in chunk))
-                input_ids, mask = self._left_pad(chunk, width)
-                output = self.policy.model.generate(
-                    input_ids=input_ids, attention_mask=mask, **kwargs
-                )
+                input_ids, mask = self._pad(chunk, width, "left")
+                output = self.policy.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
                 if not isinstance(output, torch.Tensor):  # return_dict_in_generate=True
                     output = output.sequences
                 ids, response_mask, _ = truncate_after_eos(output[:, width:], self.eos_token_id, self.pad_token_id)
@@ -756,7 +733,6 @@ class PPOTrainer:
         finally:
             self.policy.train(was_training)
             self.mark_step()
-        self._pending["time/generate_s"] = self._pending.get("time/generate_s", 0.0) + time.perf_counter() - start
         return responses
 
     def ended_with_eos(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -764,59 +740,35 @@ class PPOTrainer:
         last = [r[-1:] if r.numel() else r.new_full((1,), -1) for r in responses]
         return (torch.cat(last) == self.eos_token_id).cpu()
 
-    def score(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        ended_with_eos: Optional[Sequence[bool] | torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """``reward_fn(prompts, responses)`` minus ``reward_baseline``, minus ``missing_eos_penalty``
-        where ``ended_with_eos`` is False, clipped to ``score_clip``; float32 tensor (batch,)."""
-        start = time.perf_counter()
-        raw = self.reward_fn(list(prompts), list(responses))
-        raw = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
-        raw = raw.reshape(-1)
-        if raw.numel() != len(responses):
-            raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(responses)} responses")
-        scores = raw - self.config.reward_baseline
-        if self.config.missing_eos_penalty is not None and ended_with_eos is not None:
-            ended = torch.as_tensor(ended_with_eos, dtype=torch.bool).reshape(-1).cpu()
-            scores = torch.where(ended, scores, scores - self.config.missing_eos_penalty)
-        if self.config.score_clip is not None:
-            scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
-        self._pending["objective/raw_scores"] = raw.mean().item()
-        self._pending["time/score_s"] = self._pending.get("time/score_s", 0.0) + time.perf_counter() - start
-        return scores
-
-    def _prompts_and_texts(self, prompts: Union[list[str], PromptsLike]) -> tuple[list[torch.Tensor], list[str]]:
-        """Token ids and the prompt texts the reward function sees. Text prompts are passed to it
-        exactly as given (chat-template markers included, as the reward model was trained);
-        id prompts are decoded with special tokens kept."""
-        if len(prompts) and isinstance(prompts[0], str):
-            ids = [torch.tensor(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-            return ids, list(prompts)
-        ids = self._as_list(prompts)
-        return ids, self.tokenizer.batch_decode([p.tolist() for p in ids], skip_special_tokens=False)
-
     def decode_responses(self, responses: Sequence[torch.Tensor]) -> list[str]:
         return self.tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
 
-    def train_step(self, prompts: Union[list[str], PromptsLike], **generate_kwargs) -> dict[str, float]:
-        """One PPO iteration: generate -> decode -> score -> ``step``. ``prompts``: texts (tokenized
-        as they are, no special tokens added: apply the chat template first) or token ids."""
-        prompt_ids, prompt_texts = self._prompts_and_texts(prompts)
-        responses = self.generate(prompt_ids, **generate_kwargs)
-        scores = self.score(prompt_texts, self.decode_responses(responses), self.ended_with_eos(responses))
-        return self.step(prompt_ids, responses, scores)
+    def score(self, prompts: list[str], responses: Sequence[torch.Tensor]) -> Scores:
+        """Score decoded ``responses`` (from ``generate``) to their ``prompts`` (texts) with ``reward_fn``.
 
-    # ---------------------------------------------------------------- PPO step
+        ``shaped = raw - reward_baseline``, minus ``missing_eos_penalty`` for responses without EOS,
+        clipped to ``score_clip``."""
+        texts = self.decode_responses(responses)
+        raw = self.reward_fn(list(prompts), texts)
+        raw = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
+        raw = raw.reshape(-1)
+        if raw.numel() != len(texts):
+            raise ValueError(f"reward_fn returned {raw.numel()} scores for {len(texts)} responses")
+        penalty = torch.zeros_like(raw)
+        if self.config.missing_eos_penalty is not None:
+            penalty = torch.where(self.ended_with_eos(responses), penalty, penalty + self.config.missing_eos_penalty)
+        shaped = raw - self.config.reward_baseline - penalty
+        if self.config.score_clip is not None:
+            shaped = shaped.clamp(-self.config.score_clip, self.config.score_clip)
+        return Scores(shaped=shaped, raw=raw, eos_penalty=penalty)
+
+    # ---------------------------------------------------------------- forward passes
 
     def _build_batch(self, prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> dict[str, Any]:
         """Concatenate left-padded prompts (width P) and right-padded responses (width R)."""
-        width_p = self._prompt_width(max(p.numel() for p in prompts))
-        width_r = self._response_width(max(r.numel() for r in responses))
-        prompt_ids, prompt_mask = self._left_pad(prompts, width_p)
-        response_ids, response_mask = self._right_pad(responses, width_r)
+        prompt_ids, prompt_mask = self._pad(prompts, self._prompt_width(max(p.numel() for p in prompts)), "left")
+        response_ids, response_mask = self._pad(responses, self._response_width(max(r.numel() for r in responses)),
+                                                "right")
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
         return {
             "input_ids": torch.cat([prompt_ids, response_ids], dim=1),
@@ -824,7 +776,6 @@ class PPOTrainer:
             "position_ids": position_ids_from_mask(attention_mask),
             "response_ids": response_ids,
             "response_mask": response_mask,
-            "prompt_width": width_p,
         }
 
     @staticmethod
@@ -836,27 +787,40 @@ class PPOTrainer:
         """
         return tensor[:, -(response_width + 1) : -1]
 
+    def _sampling_logits(self, logits: torch.Tensor, response_width: int) -> torch.Tensor:
+        """The response positions' logits of the distribution responses are sampled from (``/ temperature``)."""
+        return self._response_slice(logits, response_width).float() / self.config.temperature
+
+    def _policy_pass(self, batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sampling logits, values) at the response positions of ``rows``, through ``self.model``.
+
+        The one computation behind the old log-probs (rollout) and the new ones (update): both run
+        with dropout off (eval mode), so the ratio is exactly 1 before the first update of a step
+        whatever ``lora_dropout`` is."""
+        r = batch["response_ids"].shape[1]
+        # Logits only for the R + 1 positions that predict response tokens: no LM-head work for prompts.
+        logits, values = self.model(batch["input_ids"][rows], batch["attention_mask"][rows],
+                                    batch["position_ids"][rows], logits_to_keep=r + 1)
+        return self._sampling_logits(logits, r), self._response_slice(values, r).float()
+
     @torch.no_grad()
     def _rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Old log-probs, values, reference log-probs and entropies, in eval mode (no dropout)."""
+        """Old log-probs, values, reference log-probs and entropies of the sampled responses."""
         was_training = self.policy.training
         self.policy.eval()
         r = batch["response_ids"].shape[1]
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
         try:
             for i in range(0, batch["input_ids"].shape[0], self.config.mini_batch_size):
-                sl = slice(i, i + self.config.mini_batch_size)
-                args = (batch["input_ids"][sl], batch["attention_mask"][sl], batch["position_ids"][sl])
-                # Logits only for the R + 1 positions that predict response tokens: no LM-head work
-                # (vocabulary-sized matmul and memory) for prompt positions.
-                logits, values = self.policy(*args, logits_to_keep=r + 1)
-                logits = self._response_slice(logits, r)
-                labels = batch["response_ids"][sl]
+                rows = slice(i, i + self.config.mini_batch_size)
+                labels = batch["response_ids"][rows]
+                logits, values = self._policy_pass(batch, rows)
                 parts["logprobs"].append(logprobs_from_logits(logits, labels))
                 parts["entropy"].append(entropy_from_logits(logits))
-                parts["values"].append(self._response_slice(values, r).float())
-                ref_logits = self._response_slice(self.policy.reference_logits(*args, logits_to_keep=r + 1), r)
-                parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
+                parts["values"].append(values)
+                ref_logits = self.policy.reference_logits(batch["input_ids"][rows], batch["attention_mask"][rows],
+                                                          batch["position_ids"][rows], logits_to_keep=r + 1)
+                parts["ref_logprobs"].append(logprobs_from_logits(self._sampling_logits(ref_logits, r), labels))
         finally:
             self.policy.train(was_training)
             self.mark_step()
@@ -864,7 +828,7 @@ class PPOTrainer:
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         """Mean of each value over processes (no-op for one process)."""
-        if self.accelerator is None or self.num_processes == 1 or not values:
+        if self.num_processes == 1 or not values:
             return values
         keys = sorted(values)
         tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float32, device=self.device)
@@ -872,51 +836,52 @@ class PPOTrainer:
         return dict(zip(keys, tensor.tolist()))
 
     def _backward(self, loss: torch.Tensor) -> None:
-        if self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
+        self.accelerator.backward(loss)
         self.mark_step()
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        if self.accelerator is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.mark_step()
         return float(grad_norm)
 
+    # ---------------------------------------------------------------- PPO step
+
     def step(
         self,
-        prompt_ids: PromptsLike,
+        prompt_ids: Sequence[torch.Tensor],
         response_ids: Sequence[torch.Tensor],
-        scores: Union[Sequence[float], torch.Tensor],
+        scores: Union[Scores, Sequence[float], torch.Tensor],
+        timings: Optional[dict[str, float]] = None,
     ) -> dict[str, float]:
-        """One PPO optimisation step on ``batch_size`` rollouts; returns stats (see ``STAT_KEYS``).
+        """One PPO optimisation step on ``batch_size`` rollouts; returns the step's stats.
 
         ``prompt_ids``: unpadded 1-D prompt tensors; ``response_ids``: responses as returned by
-        ``generate`` (unpadded, cut after EOS); ``scores``: one float per rollout (from ``score``).
+        ``generate``; ``scores``: ``score``'s result (or one float per rollout, taken as raw and
+        shaped alike); ``timings``: the caller's ``time/*_s`` for generation and scoring, added
+        to the stats and to ``time/step_s``.
         """
         start = time.perf_counter()
         cfg = self.config
-        prompts = self._as_list(prompt_ids)
-        responses = [torch.as_tensor(r, dtype=torch.long).to(self.device).reshape(-1) for r in response_ids]
-        scores = torch.as_tensor(
-            scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=torch.float32
-        ).reshape(-1).to(self.device)
-        if not len(prompts) == len(responses) == scores.numel() == cfg.batch_size:
+        if not isinstance(scores, Scores):
+            flat = torch.as_tensor(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores,
+                                   dtype=torch.float32).reshape(-1)
+            scores = Scores(shaped=flat, raw=flat, eos_penalty=torch.zeros_like(flat))
+        prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1).to(self.device) for p in prompt_ids]
+        responses = [torch.as_tensor(r, dtype=torch.long).reshape(-1).to(self.device) for r in response_ids]
+        shaped = scores.shaped.to(self.device)
+        if not len(prompts) == len(responses) == shaped.numel() == cfg.batch_size:
             raise ValueError(
                 f"step needs batch_size={cfg.batch_size} prompts, responses and scores; got "
-                f"{len(prompts)}, {len(responses)}, {scores.numel()}"
+                f"{len(prompts)}, {len(responses)}, {shaped.numel()}"
             )
         if any(r.numel() == 0 for r in responses):
             raise ValueError("step got an empty response; every response needs at least one token")
 
-        # 1. Rollout forward (no grad, eval mode): old log-probs, values, reference log-probs.
+        # 1. Rollout forward (no grad): old log-probs, values, reference log-probs.
         batch = self._build_batch(prompts, responses)
         rollout = self._rollout_forward(batch)
         mask = batch["response_mask"].float()
@@ -925,36 +890,31 @@ class PPOTrainer:
         # 2. Rewards and advantages, float32.
         kl_coef = self.kl_ctl.value
         rewards, non_score_reward, kl = compute_rewards(
-            scores, rollout["logprobs"], rollout["ref_logprobs"], mask, kl_coef
+            shaped, rollout["logprobs"], rollout["ref_logprobs"], mask, kl_coef
         )
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = compute_gae(rollout["values"], rewards, mask, cfg.gamma, cfg.lam)
 
-        # 3. PPO epochs over shuffled minibatches with gradient accumulation.
+        # 3. PPO epochs over shuffled minibatches with gradient accumulation. Eval mode, as the
+        # rollout forward: the same dropout-free computation gives old and new log-probs.
         update_start = time.perf_counter()
         mb_stats: list[dict[str, float]] = []
         grad_norms: list[float] = []
         skipped, early_stopped = 0, False
-        self.policy.train()
+        self.policy.eval()
         self.optimizer.zero_grad(set_to_none=True)
-        r = batch["response_ids"].shape[1]
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self._shuffle).to(self.device)
             for b in range(0, cfg.batch_size, cfg.backward_batch_size):
                 did_backward = False
                 for m in range(b, b + cfg.backward_batch_size, cfg.mini_batch_size):
                     idx = order[m : m + cfg.mini_batch_size]
-                    logits, values = self.model(
-                        batch["input_ids"][idx], batch["attention_mask"][idx], batch["position_ids"][idx],
-                        logits_to_keep=r + 1,
-                    )
-                    logits = self._response_slice(logits, r)
+                    logits, values = self._policy_pass(batch, idx)
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
                     loss, stats = ppo_losses(
-                        new_logprobs, rollout["logprobs"][idx], advantages[idx],
-                        self._response_slice(values, r).float(), rollout["values"][idx], returns[idx], mask[idx],
-                        cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
+                        new_logprobs, rollout["logprobs"][idx], advantages[idx], values, rollout["values"][idx],
+                        returns[idx], mask[idx], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
                     )
                     stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx])
                     stats = dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
@@ -975,33 +935,35 @@ class PPOTrainer:
                     grad_norms.append(self._optimizer_step())
             if early_stopped:
                 break
+        self.policy.train()
         update_s = time.perf_counter() - update_start
 
-        # 4. Stats (averaged over processes), then the KL controller update.
+        # 4. Stats (averaged over processes), then the KL controller update. The reward model's
+        # raw score comes first: it is the result; the shaped score is what PPO optimised.
         lengths = mask.sum(1)
         kl_per_seq = kl.sum(1)
         non_score_per_seq = non_score_reward.sum(1)
-        ended = self.ended_with_eos(responses).float()
-        score_mean = scores.mean().item()
         stats: dict[str, float] = {
-            "objective/scores": score_mean,
-            "objective/raw_scores": self._pending.pop("objective/raw_scores", score_mean),
+            "objective/raw_scores": scores.raw.mean().item(),
+            "objective/eos_penalty": scores.eos_penalty.mean().item(),
+            "objective/scores": shaped.mean().item(),
             "objective/kl": kl_per_seq.mean().item(),
             "objective/kl_coef": kl_coef,
             "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean().item(),
             "objective/token_entropy": masked_mean(rollout["entropy"], mask).item(),
             "objective/non_score_reward": non_score_per_seq.mean().item(),
-            "objective/rlhf_reward": (scores + non_score_per_seq).mean().item(),
+            "objective/rlhf_reward": (shaped + non_score_per_seq).mean().item(),
             "value/mean": masked_mean(rollout["values"], mask).item(),
             "returns/mean": masked_mean(returns, mask).item(),
             "response/length": lengths.mean().item(),
-            "response/ended_with_eos": ended.mean().item(),
+            "response/ended_with_eos": self.ended_with_eos(responses).float().mean().item(),
             "ppo/early_stopped": float(early_stopped),
             "ppo/skipped_minibatches": float(skipped),
             "ppo/minibatches": float(len(mb_stats)),
             "ppo/optimizer_steps": float(len(grad_norms)),
             "ppo/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
             "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            "ppo/first_minibatch_approxkl": mb_stats[0]["policy/approxkl"],
         }
         for key in mb_stats[0]:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
@@ -1010,54 +972,51 @@ class PPOTrainer:
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.num_processes)
         self.current_step += 1
 
-        generate_s = self._pending.pop("time/generate_s", 0.0)
-        score_s = self._pending.pop("time/score_s", 0.0)
+        timings = dict(timings or {})
+        stats.update(timings)
         stats.update({
-            "time/generate_s": generate_s,
-            "time/score_s": score_s,
             "time/forward_s": forward_s,
             "time/update_s": update_s,
-            "time/step_s": generate_s + score_s + time.perf_counter() - start,
+            "time/step_s": sum(timings.values()) + time.perf_counter() - start,
         })
         return stats
 
     # ---------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self, prompts: Union[list[str], PromptsLike], batch_size: Optional[int] = None,
-                 return_samples: bool = False, **generate_kwargs):
-        """Mean score and mean per-sequence KL to the reference on held-out prompts, no update.
+    def evaluate(self, prompt_texts: list[str], prompt_ids: list[torch.Tensor], batch_size: Optional[int] = None):
+        """Held-out metrics and samples, no update. Samples with the current settings (global RNG).
 
-        Samples with the current generation settings (uses the global RNG). Keys: ``eval/scores``
-        (after baseline/penalty/clip), ``eval/raw_scores``, ``eval/kl``, ``eval/response_length``.
-        With ``return_samples`` returns ``(metrics, samples)``, samples being this process's
-        ``{"prompt", "response", "score", "kl"}`` dicts.
+        Returns ``(metrics, samples)``. Metrics, the reward model's raw score first: ``eval/raw_scores``,
+        ``eval/eos_penalty``, ``eval/scores`` (what PPO optimises), ``eval/kl`` (mean per-response KL
+        to the reference), ``eval/response_length``. Samples: this process's ``{"prompt",
+        "response", "raw_score", "score", "kl"}`` dicts.
         """
-        prompt_ids, prompt_texts = self._prompts_and_texts(prompts)
         size = batch_size or self.config.batch_size
-        totals = {"eval/scores": 0.0, "eval/raw_scores": 0.0, "eval/kl": 0.0, "eval/response_length": 0.0}
+        totals = dict.fromkeys(("eval/raw_scores", "eval/eos_penalty", "eval/scores", "eval/kl",
+                                "eval/response_length"), 0.0)
         samples: list[dict] = []
-        pending = dict(self._pending)
         for i in range(0, len(prompt_ids), size):
             chunk = [p.to(self.device) for p in prompt_ids[i : i + size]]
-            responses = self.generate(chunk, **generate_kwargs)
-            texts_r = self.decode_responses(responses)
-            scores = self.score(prompt_texts[i : i + size], texts_r, self.ended_with_eos(responses))
+            texts = prompt_texts[i : i + size]
+            responses = self.generate(chunk)
+            scores = self.score(texts, responses)
             batch = self._build_batch(chunk, responses)
             rollout = self._rollout_forward(batch)
             mask = batch["response_mask"].float()
             kl = ((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1)
-            totals["eval/scores"] += scores.sum().item()
-            totals["eval/raw_scores"] += self._pending["objective/raw_scores"] * len(chunk)
+            totals["eval/raw_scores"] += scores.raw.sum().item()
+            totals["eval/eos_penalty"] += scores.eos_penalty.sum().item()
+            totals["eval/scores"] += scores.shaped.sum().item()
             totals["eval/kl"] += kl.sum().item()
             totals["eval/response_length"] += mask.sum().item()
             samples += [
-                {"prompt": p, "response": r, "score": float(sc), "kl": float(k)}
-                for p, r, sc, k in zip(prompt_texts[i : i + size], texts_r, scores.tolist(), kl.tolist())
+                {"prompt": p, "response": r, "raw_score": float(raw), "score": float(sc), "kl": float(k)}
+                for p, r, raw, sc, k in zip(texts, self.decode_responses(responses), scores.raw.tolist(),
+                                            scores.shaped.tolist(), kl.tolist())
             ]
-        self._pending = pending  # evaluation time is not training time
         metrics = self._reduce({k: v / max(len(prompt_ids), 1) for k, v in totals.items()})
-        return (metrics, samples) if return_samples else metrics
+        return metrics, samples
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -1085,7 +1044,10 @@ class PPOTrainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` saved (after loading the model weights)."""
+        """Restore what ``state_dict`` saved (after loading the model weights).
+
+        Only state is restored (the KL coefficient reached, not the controller's settings): flags
+        given to the resumed command, such as a new ``--target``, take effect."""
         self.current_step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -1099,40 +1061,16 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-STAT_KEYS = {
-    "objective/scores": "mean score given to PPO (reward - reward_baseline, EOS penalty, clip)",
-    "objective/raw_scores": "mean reward_fn output before baseline/penalty/clip (= scores if score() was not used)",
-    "objective/kl": "mean over sequences of sum_t (logp - ref_logp) on the rollout (before the update)",
-    "objective/kl_coef": "KL coefficient beta used for this batch's rewards (before the controller update)",
-    "objective/entropy": "mean over sequences of sum_t -logp(sampled token) (TRL's definition)",
-    "objective/token_entropy": "mean per-token entropy of the rollout policy's full distribution",
-    "objective/non_score_reward": "mean over sequences of sum_t -beta * (logp - ref_logp)",
-    "objective/rlhf_reward": "objective/scores + objective/non_score_reward",
-    "value/mean": "mean value prediction on the rollout",
-    "returns/mean": "mean GAE return (advantage + value)",
-    "response/length": "mean response length in tokens (EOS included)",
-    "response/ended_with_eos": "fraction of responses that produced EOS",
-    "policy/approxkl": "mean over minibatches of 0.5 * mean (new_logp - old_logp)^2",
-    "policy/clipfrac": "fraction of tokens where the policy ratio was clipped",
-    "policy/ratio_mean": "mean probability ratio new/old",
-    "policy/entropy": "mean per-token entropy of the policy during the update",
-    "loss/policy": "clipped policy-gradient loss",
-    "loss/value": "clipped value loss (0.5 * squared error)",
-    "loss/total": "loss/policy + vf_coef * loss/value",
-    "value/clipfrac": "fraction of tokens where the value clip was active",
-    "value/error": "mean squared error of value predictions against returns",
-    "ppo/early_stopped": "1.0 if the epochs stopped early (approxkl > 1.5 * target_kl)",
-    "ppo/skipped_minibatches": "minibatches skipped because their mean ratio exceeded ratio_threshold",
-    "ppo/minibatches": "minibatches evaluated (loss stats average over these)",
-    "ppo/optimizer_steps": "optimizer steps taken",
-    "ppo/grad_norm": "mean gradient norm before clipping",
-    "ppo/learning_rate": "learning rate of the first parameter group",
-    "time/generate_s": "seconds in generate() since the last step",
-    "time/score_s": "seconds in score() since the last step",
-    "time/forward_s": "seconds for the rollout forward (old logprobs, values, reference)",
-    "time/update_s": "seconds for the PPO epochs",
-    "time/step_s": "generate + score + the whole step",
-}
+def make_optimizer(policy: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:
+    """Adam, or Adafactor with ``config.adafactor``, on the policy's trainable parameters."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the policy has no trainable parameters; add a LoRA adapter or unfreeze the model")
+    if config.adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=config.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.Adam(params, lr=config.learning_rate)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ API (used by ``reward_modeling.py`` and by PPO):
 - ``find_score_head(model)``: the per-position score head (``score`` / ``classifier``), also through
   a ``PeftModel`` (its ``modules_to_save`` wrapper) or a DDP wrapper.
 - ``sequence_scores(model, input_ids, attention_mask) -> Tensor[B]`` (float32).
-- ``tokenize_text(tokenizer, text)`` / ``tokenize_pair(...)`` / ``tokenize_pairs(...)``: prompt+answer
+- ``tokenize_pair(...)`` / ``tokenize_pairs(...)``: prompt+answer
   token ids (special tokens added unless the text already starts with BOS, e.g. a chat template),
   over-long pairs truncated (keeping the end: the reward is read at the last token) or dropped.
 - ``pad_sequences(sequences, pad_id, side="right", pad_to=None, device=None)``: the one padding helper
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from rlhf.errors import UserError
 from rlhf.modeling import merge_lora, position_ids_from_mask
+from rlhf.tokenization import encode_text, keep_end
 
 logger = logging.getLogger("rlhf")
 
@@ -131,24 +132,9 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 # ---------------------------------------------------------------- tokenization
 
 
-def adds_special_tokens(tokenizer, text: str) -> bool:
-    """Add the tokenizer's special tokens unless the text already starts with BOS (chat templates)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return not (bos and text.startswith(bos))
-
-
-def tokenize_text(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"])
-
-
-def keep_end(ids: list[int], max_length: int) -> list[int]:
-    """Truncate from the left: the reward is read at the last token, so keep the answer's end."""
-    return ids[-max_length:] if len(ids) > max_length else ids
-
-
 def tokenize_pair(row: dict, tokenizer, max_length: int) -> dict:
-    chosen = tokenize_text(tokenizer, row["prompt"] + row["chosen"])
-    rejected = tokenize_text(tokenizer, row["prompt"] + row["rejected"])
+    chosen = encode_text(tokenizer, row["prompt"] + row["chosen"])
+    rejected = encode_text(tokenizer, row["prompt"] + row["rejected"])
     tokenized = {
         "input_ids_chosen": keep_end(chosen, max_length),
         "input_ids_rejected": keep_end(rejected, max_length),
@@ -379,7 +365,7 @@ class RewardScorer:
                 )
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        ids = [keep_end(tokenize_text(self.tokenizer, text), self.max_length) for text in texts]
+        ids = [keep_end(encode_text(self.tokenizer, text), self.max_length) for text in texts]
         batch = pad_sequences(ids, self.tokenizer.pad_token_id, getattr(self.tokenizer, "padding_side", "right"), self.pad_to)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -424,6 +410,9 @@ def save_reward_model(
     if mean is not None and std is not None:
         store_reward_stats(model.config, mean, std, stats_pairs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    from rlhf.zero import check_no_placeholders
+
+    check_no_placeholders(model.state_dict(), f"the reward model to {output_dir}")  # never ZeRO-3 partitions
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     for name in ADAPTER_FILES:

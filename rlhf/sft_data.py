@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.tokenization import encode_text, keep_end
+
 IGNORE_INDEX = -100
 
 
@@ -24,12 +26,10 @@ def tokenize_example(
     max_seq_length: int,
     max_source_length: int,
     train_on_inputs: bool,
-    add_special_tokens: bool,
 ) -> dict:
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"] if prompt else []
-    if not prompt and add_special_tokens and tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id]
-    prompt_ids = prompt_ids[-max_source_length:] if max_source_length else prompt_ids  # keep the end of a long prompt
+    # The prompt is encoded exactly as PPO encodes it (rlhf.tokenization): BOS once, whatever the template.
+    prompt_ids = encode_text(tokenizer, prompt)
+    prompt_ids = keep_end(prompt_ids, max_source_length) if max_source_length else prompt_ids
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     room = max_seq_length - len(prompt_ids)
     if tokenizer.eos_token_id is not None and len(answer_ids) < room:

@@ -94,9 +94,12 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 512, adds_bos: bool = False):
+    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
+
+    ``adds_bos``: encoding with special tokens prepends ``<s>``, as Llama's tokenizers do (the
+    double of that behaviour for tests; by default the tokenizer adds nothing, as SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from rlhf.errors import UserError
@@ -113,6 +116,11 @@ def build_tokenizer(vocab_size: int = 512):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    if adds_bos:
+        bos_id = tokenizer.token_to_id(BOS)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,
@@ -127,7 +135,7 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-def _fix_tokenizer_config(output_dir: str) -> None:
+def _fix_tokenizer_config(output_dir: str, adds_bos: bool) -> None:
     """Make tokenizer_config.json self-contained for transformers 4.55 as well as 5.x."""
     path = os.path.join(output_dir, "tokenizer_config.json")
     with open(path, encoding="utf-8") as handle:
@@ -142,7 +150,7 @@ def _fix_tokenizer_config(output_dir: str) -> None:
         chat_template=CHAT_TEMPLATE,
         model_max_length=1024,
         padding_side="right",
-        add_bos_token=False,
+        add_bos_token=adds_bos,
         add_eos_token=False,
         clean_up_tokenization_spaces=False,
     )
@@ -155,9 +163,12 @@ def _fix_tokenizer_config(output_dir: str) -> None:
 
 
 def build_tiny_model(
-    output_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2
+    output_dir: str, seed: int = 0, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
+    adds_bos: bool = False,
 ) -> str:
-    """Write a tiny random-init Llama causal LM and its tokenizer to ``output_dir``; return it."""
+    """Write a tiny random-init Llama causal LM and its tokenizer to ``output_dir``; return it.
+
+    ``adds_bos``: a Llama-style tokenizer that prepends BOS when encoding with special tokens."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -167,7 +178,7 @@ def build_tiny_model(
         raise UserError(f"--hidden_size {hidden_size} must be a multiple of 4 (4 heads), at least 8")
     if num_layers < 1:
         raise UserError(f"--num_layers {num_layers} must be at least 1")
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, adds_bos=adds_bos)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
            (("pad", PAD), ("bos", BOS), ("eos", EOS), ("unk", UNK))}
     config = LlamaConfig(
@@ -191,7 +202,7 @@ def build_tiny_model(
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    _fix_tokenizer_config(output_dir)
+    _fix_tokenizer_config(output_dir, adds_bos)
     return output_dir
 
 

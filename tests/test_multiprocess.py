@@ -271,15 +271,16 @@ def test_ppo_prompt_shards_are_disjoint_and_equal(tiny_model_dir, tmp):
     import rl_training
     from rlhf.data import DataArguments
     from rlhf.modeling import load_tokenizer
+    from rlhf.ppo import PPOConfig
 
     rows = [json.loads(line) for line in TRAIN.read_text().splitlines()[:9]]
     data = tmp / "nine.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
-    args = rl_training.ScriptArguments(batch_size=2, eval_samples=0)
+    config = PPOConfig(batch_size=2, mini_batch_size=1, gradient_accumulation_steps=1)
     data_args = DataArguments(train_file=str(data))
-    shards = [rl_training.load_prompts(data_args, args, tokenizer, WORLD, rank)[0] for rank in range(WORLD)]
-    single = rl_training.load_prompts(data_args, args, tokenizer, 1, 0)[0]
+    shards = [rl_training.load_prompts(data_args, config, 0, tokenizer, WORLD, rank)[0] for rank in range(WORLD)]
+    single = rl_training.load_prompts(data_args, config, 0, tokenizer, 1, 0)[0]
     assert len(single) == 9
     assert [len(shard) for shard in shards] == [4, 4]
     assert shards == [single[0:8:2], single[1:8:2]]  # interleaved, disjoint, the 9th prompt dropped

@@ -117,9 +117,10 @@ def test_kl_controllers():
     assert ctl.value == pytest.approx(0.2004)
     ctl.update(current_kl=5.4, n_steps=1000)  # error -0.1: * (1 - 0.1 * 1000 / 10000) = * 0.99
     assert ctl.value == pytest.approx(0.2004 * 0.99)
-    other = AdaptiveKLController(1.0, 1.0, 1.0)
-    other.load_state_dict(ctl.state_dict())
-    assert other.value == ctl.value and other.target == 6 and other.horizon == 10000
+    # Resume restores the coefficient reached, not the settings: a resumed run with a new --target uses it.
+    resumed = AdaptiveKLController(1.0, target=3.0, horizon=500.0)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.value == ctl.value and resumed.target == 3.0 and resumed.horizon == 500.0
     fixed = FixedKLController(0.3)
     fixed.update(100.0, 100)
     assert fixed.value == 0.3
@@ -159,6 +160,10 @@ def test_ppo_losses_with_active_clipping():
         (dict(target_kl=0), "--target_kl"),
         (dict(missing_eos_penalty=-1.0), "--missing_eos_penalty"),
         (dict(score_clip=0.0), "--score_clip"),
+        (dict(top_k=50), "--top_k 50"),
+        (dict(top_p=0.9), "--top_p 0.9"),
+        (dict(temperature=0.0), "--temperature"),
+        (dict(output_max_length=8, output_min_length=8), "--output_min_length"),
     ],
 )
 def test_invalid_config_raises_user_error(kwargs, fragment):
@@ -175,6 +180,7 @@ def test_valid_config_batch_semantics():
 
 LORA_TARGETS = ["q_proj", "v_proj", "lm_head"]  # lm_head: a random-init model has no shared
 # structure a rule could exploit through attention alone; adapting the head keeps the test short.
+GEN_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +197,24 @@ def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def make_policy(tiny_dir, lora=True, seed=0):
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps process-wide singletons; every test starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def make_policy(tiny_dir, lora=True, seed=0, lora_dropout=0.05):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     if lora:
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=LORA_TARGETS,
+                            task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     return PolicyWithValueHead(model)
 
@@ -225,13 +241,33 @@ def chat_prompts(tokenizer, n):
     ]
 
 
-GEN = dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+def prompt_ids(tokenizer, texts):
+    from rlhf.tokenization import encode_text
+
+    return [torch.tensor(encode_text(tokenizer, t)) for t in texts]
 
 
-def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, **cfg):
-    policy = make_policy(tiny_dir, lora=lora)
-    config = PPOConfig(**{"batch_size": 8, "mini_batch_size": 4, "learning_rate": 5e-3, "seed": 0, **cfg})
-    return PPOTrainer(config, policy, tokenizer, reward or even_token_fraction(tokenizer), generation_kwargs=GEN)
+def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, lora_dropout=0.05, ref_model=None, mark_step=None,
+                 **cfg):
+    from accelerate import Accelerator
+
+    policy = make_policy(tiny_dir, lora=lora, lora_dropout=lora_dropout)
+    policy.ref_model = ref_model
+    config = PPOConfig(**{"batch_size": 8, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
+                          "learning_rate": 5e-3, "seed": 0, "output_max_length": GEN_TOKENS, **cfg})
+    return PPOTrainer(config, policy, tokenizer, reward or even_token_fraction(tokenizer), Accelerator(cpu=True),
+                      mark_step=mark_step)
+
+
+def rollout_step(trainer, texts):
+    """What rl_training.py does per step: generate -> score -> step."""
+    ids = prompt_ids(trainer.tokenizer, texts)
+    responses = trainer.generate(ids)
+    return trainer.step(ids, responses, trainer.score(texts, responses))
+
+
+def lora_and_head(policy):
+    return {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
 
 
 # ------------------------------------------------------------------ model-level tests
@@ -256,31 +292,31 @@ def test_policy_forward_is_padding_invariant(tiny_dir, tokenizer):
 
 
 def test_generate_cuts_after_eos_and_static_padding(tiny_dir, tokenizer):
-    trainer = make_trainer(tiny_dir, tokenizer, pad_max_input_len=16, pad_responses_to_max_new_tokens=True)
+    trainer = make_trainer(tiny_dir, tokenizer, pad_for_acceleration=True, pad_max_input_len=16)
     prompts = [torch.tensor(tokenizer("hello there", add_special_tokens=False)["input_ids"][: i + 1]) for i in range(2)]
     eos = tokenizer.eos_token_id
-    responses = trainer.generate(prompts * 4, eos_token_id=eos)
+    responses = trainer.generate(prompts * 4)
     assert len(responses) == 8
     for r in responses:
-        assert 1 <= r.numel() <= GEN["max_new_tokens"]
+        assert 1 <= r.numel() <= GEN_TOKENS
         assert eos not in r[:-1].tolist()  # EOS, if any, is the last token
     batch = trainer._build_batch(prompts * 4, responses)
-    assert batch["input_ids"].shape == (8, 16 + GEN["max_new_tokens"])  # static shapes
+    assert batch["input_ids"].shape == (8, 16 + GEN_TOKENS)  # static shapes
     with pytest.raises(UserError, match="pad_max_input_len"):
         trainer.generate([torch.arange(3, 30)])
 
 
-def test_score_applies_baseline_penalty_and_clip(tiny_dir, tokenizer):
+def test_score_keeps_raw_score_and_penalty_apart(tiny_dir, tokenizer):
     trainer = make_trainer(
         tiny_dir, tokenizer, reward=lambda p, r: [3.0, 0.5, -4.0], reward_baseline=0.5, missing_eos_penalty=1.0,
         score_clip=2.0,
     )
-    scores = trainer.score(["a"] * 3, ["x"] * 3, ended_with_eos=[True, False, True])
-    assert scores.tolist() == pytest.approx([2.0, -1.0, -2.0])  # [2.5 -> clip 2, 0 - 1, -4.5 -> clip -2]
-
-
-def lora_and_head(policy):
-    return {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
+    eos = tokenizer.eos_token_id
+    responses = [torch.tensor([20, eos]), torch.tensor([20, 21]), torch.tensor([eos])]
+    scores = trainer.score(["a"] * 3, responses)
+    assert scores.shaped.tolist() == pytest.approx([2.0, -1.0, -2.0])  # [2.5 -> clip 2, 0 - 1, -4.5 -> clip -2]
+    assert scores.raw.tolist() == pytest.approx([3.0, 0.5, -4.0])
+    assert scores.eos_penalty.tolist() == pytest.approx([0.0, 1.0, 0.0])
 
 
 def test_ppo_learns_a_rule_reward_and_keeps_base_weights(tiny_dir, tokenizer):
@@ -291,19 +327,18 @@ def test_ppo_learns_a_rule_reward_and_keeps_base_weights(tiny_dir, tokenizer):
     base_before = {k: v.detach().clone() for k, v in policy.named_parameters() if not v.requires_grad}
     trained_before = lora_and_head(policy)
     assert all("lora_" in k or k.startswith("value_head.") for k in trained_before)
-    prompts = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in chat_prompts(tokenizer, 16)]
+    prompts = prompt_ids(tokenizer, chat_prompts(tokenizer, 16))
     history = []
     for _ in range(20):
         responses = trainer.generate(prompts)
         scores = [float((r % 2 == 0).float().mean()) for r in responses]
-        history.append(trainer.step(prompts, responses, scores))
+        history.append(trainer.step(prompts, responses, scores, timings={"time/generate_s": 0.5}))
 
-    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "policy/approxkl",
-                "policy/clipfrac", "loss/policy", "loss/value", "response/length", "time/generate_s",
-                "time/score_s", "time/forward_s", "time/update_s", "time/step_s", "ppo/early_stopped",
-                "ppo/skipped_minibatches"):
+    for key in ("objective/raw_scores", "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy",
+                "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "response/length",
+                "time/forward_s", "time/update_s", "time/step_s", "ppo/early_stopped", "ppo/skipped_minibatches"):
         assert all(math.isfinite(h[key]) for h in history), key
-    assert history[0]["time/generate_s"] > 0 and history[0]["time/score_s"] == 0.0  # score() not used
+    assert history[0]["time/generate_s"] == 0.5 and history[0]["time/step_s"] > 0.5  # the caller's timings added
     assert abs(history[0]["objective/kl"]) < 1e-6  # reference = adapter disabled, LoRA B = 0
     assert history[-1]["objective/kl"] > 0.1
     # Measured with the seed-0 tiny model: about 0.70 over the first 3 steps, 1.00 over the last 5.
@@ -320,17 +355,80 @@ def test_ppo_learns_a_rule_reward_and_keeps_base_weights(tiny_dir, tokenizer):
     assert any("lora_B" in k for k in changed) and any(k.startswith("value_head.") for k in changed)
 
 
+def test_first_minibatch_ratio_is_exactly_one_with_lora_dropout(tiny_dir, tokenizer):
+    # One epoch, one minibatch per step: the step's stats are those of its first minibatch. LoRA's B
+    # starts at zero, so dropout only adds noise once the adapter has moved: look at steps 2 and 3.
+    trainer = make_trainer(tiny_dir, tokenizer, lora_dropout=0.3, batch_size=8, mini_batch_size=8, ppo_epochs=1,
+                           learning_rate=2e-2)
+    texts = chat_prompts(tokenizer, 8)
+    history = [rollout_step(trainer, texts) for _ in range(3)]
+    assert any(v.abs().sum() > 0 for k, v in lora_and_head(trainer.policy).items() if "lora_B" in k)
+    ids = prompt_ids(tokenizer, texts)
+    batch = trainer._build_batch(ids, trainer.generate(ids))
+    trainer.policy.train()  # the dropout is real: two train-mode forwards differ
+    noisy = [trainer.policy(batch["input_ids"], batch["attention_mask"])[0] for _ in range(2)]
+    assert not torch.equal(*noisy)
+    for stats in history[1:]:
+        assert stats["policy/approxkl"] == 0.0 and stats["policy/clipfrac"] == 0.0, stats
+        assert stats["policy/ratio_mean"] == 1.0
+
+
+def test_logprobs_are_those_of_the_temperature_scaled_distribution(tiny_dir, tokenizer):
+    temperature = 0.7
+    trainer = make_trainer(tiny_dir, tokenizer, temperature=temperature, learning_rate=5e-2)
+    texts = chat_prompts(tokenizer, 8)
+    rollout_step(trainer, texts)  # the adapter moves: policy and reference now differ
+    ids = prompt_ids(tokenizer, texts)[:2]
+
+    # transformers' own generate is the oracle of the sampling distribution: its processed scores.
+    torch.manual_seed(0)
+    kwargs = {**trainer.config.generation_kwargs(), "pad_token_id": trainer.pad_token_id,
+              "eos_token_id": trainer.eos_token_id}
+    padded = trainer._pad(ids, max(len(i) for i in ids), "left")
+    out = trainer.policy.model.eval().generate(input_ids=padded[0], attention_mask=padded[1], output_scores=True,
+                                               return_dict_in_generate=True, **kwargs)
+    sampled = out.sequences[:, padded[0].shape[1]:]
+    from_generate = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    from_generate = from_generate.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+
+    responses = [row[: n] for row, n in zip(sampled, truncate_after_eos(sampled, trainer.eos_token_id,
+                                                                          trainer.pad_token_id)[1].sum(1))]
+    batch = trainer._build_batch(ids, responses)
+    rollout = trainer._rollout_forward(batch)
+    mask = batch["response_mask"].bool()
+    width = mask.shape[1]
+    torch.testing.assert_close(rollout["logprobs"][mask], from_generate[:, :width][mask], atol=1e-5, rtol=0)
+
+    # By hand: log_softmax(logits / T) of the policy and of the adapter-disabled reference.
+    trainer.policy.eval()
+    with torch.no_grad():
+        logits, _ = trainer.policy(batch["input_ids"], batch["attention_mask"])
+        with trainer.policy.model.disable_adapter():
+            ref_logits = trainer.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    cut = slice(-(width + 1), -1)
+    by_hand = logprobs_from_logits(logits[:, cut] / temperature, batch["response_ids"])
+    ref_by_hand = logprobs_from_logits(ref_logits[:, cut] / temperature, batch["response_ids"])
+    torch.testing.assert_close(rollout["logprobs"][mask], by_hand[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout["ref_logprobs"][mask], ref_by_hand[mask], atol=1e-5, rtol=0)
+    assert not torch.allclose(rollout["logprobs"][mask], rollout["ref_logprobs"][mask])
+    # The update pass: the same computation, with gradients.
+    update_logits, _ = trainer._policy_pass(batch, slice(0, 2))
+    update = logprobs_from_logits(update_logits, batch["response_ids"])
+    torch.testing.assert_close(update.detach()[mask], by_hand[mask], atol=1e-5, rtol=0)
+
+
 def test_state_dict_round_trip_resumes_bit_exact(tiny_dir, tokenizer, tmp_path):
+    from accelerate import Accelerator
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     prompts = chat_prompts(tokenizer, 8)
     uninterrupted = make_trainer(tiny_dir, tokenizer)
-    expected = [uninterrupted.train_step(prompts) for _ in range(3)][-1]
+    expected = [rollout_step(uninterrupted, prompts) for _ in range(3)][-1]
 
     first = make_trainer(tiny_dir, tokenizer)
     for _ in range(2):
-        first.train_step(prompts)
+        rollout_step(first, prompts)
     first.policy.save_pretrained(str(tmp_path / "ckpt"), save_embedding_layers=False)
     torch.save(first.state_dict(), tmp_path / "ckpt" / "trainer_state.pt")
     del first
@@ -339,12 +437,13 @@ def test_state_dict_round_trip_resumes_bit_exact(tiny_dir, tokenizer, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     model = PeftModel.from_pretrained(base, str(tmp_path / "ckpt"), is_trainable=True)
     head = load_value_head(ValueHead(base.config.hidden_size), str(tmp_path / "ckpt"))
-    config = PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=5e-3, seed=0)
+    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3, seed=0,
+                       output_max_length=GEN_TOKENS)
     resumed = PPOTrainer(config, PolicyWithValueHead(model, head), tokenizer, even_token_fraction(tokenizer),
-                         generation_kwargs=GEN)
+                         Accelerator(cpu=True))
     resumed.load_state_dict(torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=True))
     assert resumed.current_step == 2
-    got = resumed.train_step(prompts)
+    got = rollout_step(resumed, prompts)
     assert resumed.current_step == 3
     for key, value in expected.items():
         if not key.startswith("time/"):
@@ -356,13 +455,13 @@ def test_state_dict_round_trip_resumes_bit_exact(tiny_dir, tokenizer, tmp_path):
 def test_early_stopping_and_ratio_skip(tiny_dir, tokenizer):
     prompts = chat_prompts(tokenizer, 8)
     stopper = make_trainer(tiny_dir, tokenizer, learning_rate=5e-2, early_stopping=True, target_kl=1e-6)
-    stats = stopper.train_step(prompts)
+    stats = rollout_step(stopper, prompts)
     assert stats["ppo/early_stopped"] == 1.0
     assert stats["ppo/minibatches"] < 4 * 2  # ppo_epochs * minibatches per epoch
 
     skipper = make_trainer(tiny_dir, tokenizer, ratio_threshold=0.5)  # mean ratio ~1 > 0.5: skip everything
     before = lora_and_head(skipper.policy)
-    stats = skipper.train_step(prompts)
+    stats = rollout_step(skipper, prompts)
     assert stats["ppo/skipped_minibatches"] == stats["ppo/minibatches"] == 8
     assert stats["ppo/optimizer_steps"] == 0
     assert all(torch.equal(v, before[k]) for k, v in lora_and_head(skipper.policy).items())
@@ -371,41 +470,34 @@ def test_early_stopping_and_ratio_skip(tiny_dir, tokenizer):
 def test_full_finetune_needs_reference_model(tiny_dir, tokenizer):
     import copy
 
-    policy = make_policy(tiny_dir, lora=False)
     with pytest.raises(UserError, match="ref_model"):
-        PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4), policy, tokenizer, even_token_fraction(tokenizer))
-    ref = copy.deepcopy(policy.model)
-    trainer = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, learning_rate=1e-3), policy, tokenizer,
-                         even_token_fraction(tokenizer), ref_model=ref, generation_kwargs=GEN)
-    assert "ref_model" not in dict(policy.named_modules())  # not trained, not saved
-    first = trainer.train_step(chat_prompts(tokenizer, 8))
-    second = trainer.train_step(chat_prompts(tokenizer, 8))
+        make_trainer(tiny_dir, tokenizer, lora=False)
+    ref = copy.deepcopy(make_policy(tiny_dir, lora=False).model)
+    trainer = make_trainer(tiny_dir, tokenizer, lora=False, ref_model=ref, learning_rate=1e-3)
+    assert "ref_model" not in dict(trainer.policy.named_modules())  # not trained, not saved
+    first = rollout_step(trainer, chat_prompts(tokenizer, 8))
+    second = rollout_step(trainer, chat_prompts(tokenizer, 8))
     assert abs(first["objective/kl"]) < 1e-6 and second["objective/kl"] != 0.0
 
 
-def test_step_with_accelerator(tiny_dir, tokenizer):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    policy = make_policy(tiny_dir)
+def test_gradient_accumulation_and_mark_step(tiny_dir, tokenizer):
     marks = []
-    try:
-        trainer = PPOTrainer(PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2), policy,
-                             tokenizer, even_token_fraction(tokenizer), accelerator=Accelerator(cpu=True),
-                             generation_kwargs=GEN, mark_step=lambda: marks.append(1))
-        stats = trainer.train_step(chat_prompts(tokenizer, 8))
-    finally:
-        AcceleratorState._reset_state(True)  # the singleton must not leak into other tests
+    trainer = make_trainer(tiny_dir, tokenizer, gradient_accumulation_steps=2, mark_step=lambda: marks.append(1))
+    stats = rollout_step(trainer, chat_prompts(tokenizer, 8))
     assert stats["ppo/optimizer_steps"] == 4  # 4 epochs x (8 / (4 x 2)) backward batches
     assert len(marks) >= 8 + 4  # after each backward and each optimizer step
 
 
-def test_evaluate_reports_score_and_kl_without_training(tiny_dir, tokenizer):
-    trainer = make_trainer(tiny_dir, tokenizer, reward=lambda p, r: [1.0] * len(r), reward_baseline=0.25)
+def test_evaluate_reports_raw_score_penalty_and_kl_without_training(tiny_dir, tokenizer):
+    trainer = make_trainer(tiny_dir, tokenizer, reward=lambda p, r: [1.0] * len(r), reward_baseline=0.25,
+                           missing_eos_penalty=0.5)
     before = lora_and_head(trainer.policy)
-    result = trainer.evaluate(chat_prompts(tokenizer, 6), batch_size=4)
-    assert result["eval/scores"] == pytest.approx(0.75) and result["eval/raw_scores"] == pytest.approx(1.0)
-    assert abs(result["eval/kl"]) < 1e-6  # untrained adapter: policy == reference
-    assert 1 <= result["eval/response_length"] <= GEN["max_new_tokens"]
-    assert trainer.current_step == 0 and trainer._pending == {}
+    texts = chat_prompts(tokenizer, 6)
+    metrics, samples = trainer.evaluate(texts, prompt_ids(tokenizer, texts), batch_size=4)
+    assert list(metrics)[0] == "eval/raw_scores" and metrics["eval/raw_scores"] == pytest.approx(1.0)
+    assert metrics["eval/scores"] == pytest.approx(0.75 - metrics["eval/eos_penalty"])
+    assert abs(metrics["eval/kl"]) < 1e-6  # untrained adapter: policy == reference
+    assert 1 <= metrics["eval/response_length"] <= GEN_TOKENS
+    assert len(samples) == 6 and all(s["raw_score"] == 1.0 for s in samples)
+    assert trainer.current_step == 0
     assert all(torch.equal(v, before[k]) for k, v in lora_and_head(trainer.policy).items())

@@ -42,7 +42,7 @@ def model(tiny_model_dir):
 
 
 def tok(prompt, answer, tokenizer, max_seq_length=512, max_source_length=384, train_on_inputs=False):
-    return tokenize_example(prompt, answer, tokenizer, max_seq_length, max_source_length, train_on_inputs, False)
+    return tokenize_example(prompt, answer, tokenizer, max_seq_length, max_source_length, train_on_inputs)
 
 
 def examples(tokenizer, train_on_inputs=False):
@@ -98,7 +98,7 @@ def test_long_prompt_keeps_its_end(tokenizer):
 
 
 def test_empty_prompt_text_format(tokenizer):
-    example = tokenize_example("", "Just text.", tokenizer, 64, 32, False, False)
+    example = tokenize_example("", "Just text.", tokenizer, 64, 32, False)
     answer_ids = tokenizer("Just text.", add_special_tokens=False)["input_ids"]
     assert example["input_ids"] == answer_ids + [tokenizer.eos_token_id]
     assert example["labels"] == example["input_ids"]
