@@ -15,7 +15,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,16 @@ from pathlib import Path
 
 from rlhf.arguments import parse_stage_args
 from rlhf.errors import UserError, run_cli
-from rlhf.modeling import check_model_path, load_tokenizer, merge_lora
+from rlhf.modeling import (
+    check_model_path,
+    first_line,
+    load_pretrained,
+    load_tokenizer,
+    loading_errors,
+    merge_lora,
+    read_json_file,
+    size_mismatch,
+)
 
 logger = logging.getLogger("rlhf")
 
@@ -45,22 +53,51 @@ class MergeArguments:
     )
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def read_adapter_config(adapter_dir: str) -> dict:
+    """The adapter's config (a JSON object in adapter_config.json)."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise UserError(f"--adapter_model_name {adapter_dir}: no adapter_config.json there; point it at a PEFT adapter")
-    return json.loads(path.read_text())
+    config = read_json_file(path, "--adapter_model_name")
+    if not isinstance(config, dict):
+        raise UserError(f"--adapter_model_name {adapter_dir}: adapter_config.json is not a JSON object; restore it")
+    return config
 
 
-def merge(adapter_dir: str, base_name: str, task_type: str, trust_remote_code: bool = False):
+def check_adapter_weights(adapter_dir: str) -> None:
+    if not any((Path(adapter_dir) / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise UserError(
+            f"--adapter_model_name {adapter_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) there; "
+            "point it at the complete adapter directory"
+        )
+
+
+def merge(adapter_dir: str, base_name: str, task_type: str, trust_remote_code: bool = False,
+          base_flag: str = "--base_model_name"):
     """Base model + adapter, merged; returns the plain transformers model."""
     import transformers
     from peft import PeftModel
 
     auto_class = getattr(transformers, TASK_MODEL_CLASSES[task_type])
     kwargs = {"num_labels": 1} if task_type == "SEQ_CLS" else {}
-    base = auto_class.from_pretrained(base_name, trust_remote_code=trust_remote_code, **kwargs)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    base = load_pretrained(auto_class, base_name, base_flag, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except loading_errors() as error:
+        raise UserError(
+            f"--adapter_model_name {adapter_dir}: the adapter cannot be loaded ({first_line(error)}); restore its "
+            "adapter_model.safetensors"
+        ) from None
+    except RuntimeError as error:
+        if not size_mismatch(error):
+            raise
+        raise UserError(
+            f"--adapter_model_name {adapter_dir}: the adapter does not fit base model {base_name} (size mismatch); "
+            "pass the base model it was trained on with --base_model_name"
+        ) from None
     return merge_lora(model)
 
 
@@ -77,10 +114,14 @@ def main() -> None:
     task_type = adapter_config.get("task_type") or "CAUSAL_LM"
     if task_type not in TASK_MODEL_CLASSES:
         raise UserError(f"adapter task type {task_type} is not supported; only CAUSAL_LM and SEQ_CLS adapters merge")
+    check_adapter_weights(adapter_dir)
     base_name = args.base_model_name or adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise UserError("the adapter records no base model; pass --base_model_name")
-    base_name = check_model_path(base_name, "--base_model_name")
+    base_flag = "--base_model_name" if args.base_model_name else (
+        "the base model in adapter_config.json (override with --base_model_name)"
+    )
+    base_name = check_model_path(base_name, base_flag)
     output = Path(args.output_name)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output_name {output} already holds files; pass --overwrite_output_dir or pick a new name")
@@ -88,7 +129,7 @@ def main() -> None:
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=args.trust_remote_code)
 
     logger.info("Merging %s adapter %s into %s", task_type, adapter_dir, base_name)
-    model = merge(adapter_dir, base_name, task_type, args.trust_remote_code)
+    model = merge(adapter_dir, base_name, task_type, args.trust_remote_code, base_flag)
     if task_type == "SEQ_CLS":
         model.config.pad_token_id = tokenizer.pad_token_id
     if args.bf16:  # a cast for storage only: no bf16 compute, so no hardware check

@@ -27,6 +27,20 @@ def tokenizer_class_unknown(error: Exception) -> bool:
     return "TokenizersBackend" in str(error)
 
 
+def tokenizer_backend_missing(error: Exception) -> bool:
+    """AutoTokenizer found no tokenizer.json and could not build one from a slow tokenizer
+    (no sentencepiece/tiktoken model file, or its library missing)."""
+    return "Couldn't instantiate the backend tokenizer" in str(error)
+
+
+try:  # huggingface_hub >= 1.0 validates config values (e.g. hidden_size "big") while loading
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+
+    CONFIG_VALUE_ERRORS: tuple[type[Exception], ...] = (_StrictDataclassError,)
+except ImportError:  # the Gaudi stack's huggingface_hub 0.x
+    CONFIG_VALUE_ERRORS = ()
+
+
 def load_fast_tokenizer_file(path: str, **kwargs):
     """Load `tokenizer.json` + `tokenizer_config.json` directly (the 4.x fallback)."""
     import json

@@ -214,6 +214,20 @@ def test_non_empty_output_dir_is_left_alone(tiny_model_dir, tmp_path, monkeypatc
     assert keep.read_text() == "do not touch" and keep.stat().st_mtime_ns == before
 
 
+# ---------------------------------------------------------------- the issue's bad-input examples, as a user runs them
+
+
+def test_train_file_not_utf8_exits_2_with_one_line(tiny_model_dir, tmp_path):
+    """Was a UnicodeDecodeError traceback, exit 1. (The full format x breakage sweep is in test_data.py.)"""
+    data = tmp_path / "latin1.jsonl"
+    row = {"prompt": "Café?", "chosen": "Oui.", "rejected": "Non."}
+    data.write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode("latin-1"))
+    result = run("--model_name_or_path", tiny_model_dir, "--train_file", str(data), "--output_dir",
+                 str(tmp_path / "out"), "--do_train", "--max_steps", "1", "--report_to", "none")
+    assert_user_error(result, "latin1.jsonl: not UTF-8 text (byte 0xe9 on line 1); save the file as UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- resuming a finished run
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,89 @@ def test_non_empty_output_needs_overwrite(causal_adapter, tmp_path, monkeypatch,
                                "--overwrite_output_dir")
     assert code == 0, err
     assert (out / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- broken adapters and base models
+# Every piece missing or of the wrong kind: exit 2 and one line naming it, nothing written.
+
+
+def break_adapter(folder: Path, case: str, tiny_model_dir: str, tmp_path: Path) -> list[str]:
+    """Break a copy of the adapter in one way; returns extra command-line flags."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    weights = folder / "adapter_model.safetensors"
+    if case == "adapter_config_not_json":
+        config_path.write_text("{task_type: CAUSAL_LM")
+    elif case == "adapter_config_not_object":
+        config_path.write_text('"CAUSAL_LM"')
+    elif case == "no_adapter_weights":
+        weights.unlink()
+    elif case == "adapter_weights_corrupt":
+        weights.write_bytes(b"\x00" * 64)
+    elif case == "adapter_weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:2000])
+    elif case == "recorded_base_path_missing":
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "moved_away")}))
+    elif case == "recorded_base_name_unknown":  # not a local directory, so a hub id: offline, not found
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": "no-such-org/no-such-base"}))
+    elif case == "base_without_weights":
+        base = tmp_path / "base_without_weights"
+        shutil.copytree(tiny_model_dir, base)
+        (base / "model.safetensors").unlink()
+        return ["--base_model_name", str(base)]
+    elif case == "base_weights_corrupt":
+        base = tmp_path / "base_weights_corrupt"
+        shutil.copytree(tiny_model_dir, base)
+        (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:4096])
+        return ["--base_model_name", str(base)]
+    elif case == "base_of_another_size":
+        from rlhf.tiny_model import build_tiny_model
+
+        return ["--base_model_name", build_tiny_model(str(tmp_path / "wider"), hidden_size=32, num_layers=2)]
+    elif case == "adapter_tokenizer_incomplete":
+        (folder / "tokenizer.json").unlink()
+    else:
+        raise AssertionError(case)
+    return []
+
+
+ADAPTER_CASES = {
+    "adapter_config_not_json": "adapter_config.json is not valid JSON (line 1",
+    "adapter_config_not_object": "adapter_config.json is not a JSON object",
+    "no_adapter_weights": "no adapter weights (adapter_model.safetensors or adapter_model.bin)",
+    "adapter_weights_corrupt": "the adapter cannot be loaded (Error while deserializing header",
+    "adapter_weights_truncated": "the adapter cannot be loaded (Error while deserializing header",
+    "recorded_base_path_missing": "the base model in adapter_config.json (override with --base_model_name)",
+    "recorded_base_name_unknown": "no-such-org/no-such-base: the model cannot be loaded",
+    "base_without_weights": "--base_model_name",
+    "base_weights_corrupt": "--base_model_name",
+    "base_of_another_size": "the adapter does not fit base model",
+    "adapter_tokenizer_incomplete": "has tokenizer_config.json but no vocabulary file",
+}
+ADAPTER_FIX = {  # and the way out each names
+    "recorded_base_path_missing": "no such directory; check the path",
+    "base_without_weights": "no weight files",
+    "base_weights_corrupt": "restore its weight files",
+    "base_of_another_size": "pass the base model it was trained on with --base_model_name",
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_broken_adapter_or_base_exits_2_with_one_line(case, causal_adapter, tiny_model_dir, tmp_path, monkeypatch,
+                                                       capsys):
+    adapter, _ = causal_adapter
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    extra = break_adapter(broken, case, tiny_model_dir, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "merged"
+    code, err = run_in_process(monkeypatch, capsys, "--adapter_model_name", str(broken), "--output_name", str(out),
+                               *extra)
+    assert code == 2, err
+    # a failure after the base model loaded follows transformers' "Loading weights" progress bar
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))
+    assert_one_error_line(err, ADAPTER_CASES[case], ADAPTER_FIX.get(case, ""))
+    assert not out.exists()
 
 
 def test_bf16_merge_writes_bf16_weights_that_score_like_the_adapter(seq_cls_adapter, tokenizer, tmp_path, monkeypatch,

@@ -1,11 +1,28 @@
-"""rlhf/modeling.py: LoRA merging (the one ``merge_lora``) on the tiny model, in-process."""
+"""rlhf/modeling.py on the tiny model, in-process: LoRA merging (the one ``merge_lora``) and the loaders'
+one-line errors for every broken piece of a model / tokenizer directory."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf.modeling import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer, lora_config, merge_lora
+from rlhf.errors import UserError
+from rlhf.modeling import (
+    LoraArguments,
+    ModelArguments,
+    check_model_path,
+    load_causal_lm,
+    load_model_tokenizer,
+    load_pretrained,
+    load_sequence_classifier,
+    load_tokenizer,
+    lora_config,
+    merge_lora,
+)
 
 
 def nudge_adapter(model) -> None:
@@ -57,3 +74,163 @@ def test_merge_lora_leaves_other_models_alone(tiny_model_dir):
     assert merge_lora(model) is model
     module = torch.nn.Linear(2, 2)
     assert merge_lora(module) is module
+
+
+# ---------------------------------------------------------------- broken model and tokenizer directories
+# Each piece missing or of the wrong kind ends as one UserError line naming the directory or file and the
+# fix (run_cli: exit 2), raised by the loaders the stages call; anything else still propagates.
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+MODEL_DIR_CASES = {
+    # name: (how to break a copy of the tiny model, fragment of the error line)
+    "no_config": (lambda d: (d / "config.json").unlink(), "directory has no config.json"),
+    "config_not_json": (lambda d: (d / "config.json").write_text("{'model_type': llama"),
+                        "config.json is not valid JSON (line 1"),
+    "config_not_object": (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json holds a list"),
+    "config_no_model_type": (lambda d: edit_config(d, model_type=None), "config.json has no model_type"),
+    "config_unknown_model_type": (lambda d: edit_config(d, model_type="nosuchmodel"),
+                                  "model type 'nosuchmodel' is unknown to transformers"),
+    "config_wrong_value_type": (lambda d: edit_config(d, hidden_size="big"), "'hidden_size'"),
+    "no_weights": (lambda d: (d / "model.safetensors").unlink(), "no weight files (model.safetensors"),
+    "weights_garbage": (lambda d: (d / "model.safetensors").write_bytes(b"not safetensors" * 8),
+                        "the model cannot be loaded (Error while deserializing header"),
+    "weights_truncated": (lambda d: truncate(d / "model.safetensors", 4096),
+                          "the model cannot be loaded (Error while deserializing header"),
+    "weights_not_a_state_dict": (lambda d: ((d / "model.safetensors").unlink(),
+                                            (d / "pytorch_model.bin").write_bytes(b"\x80\x04garbage")),
+                                 "the model cannot be loaded ("),
+    "weights_do_not_fit_config": (lambda d: edit_config(d, intermediate_size=40),
+                                  "its weights do not fit its config.json (size mismatch)"),
+    "a_file_not_a_directory": (None, "is a file; give the model's directory"),
+}
+TOKENIZER_CASES = {
+    "no_tokenizer_files": (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+                           "has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)"),
+    "tokenizer_config_only": (lambda d: (d / "tokenizer.json").unlink(),
+                              "has tokenizer_config.json but no vocabulary file"),
+    "tokenizer_json_corrupt": (lambda d: truncate(d / "tokenizer.json", 100), "tokenizer.json is not valid JSON"),
+    "tokenizer_config_corrupt": (lambda d: (d / "tokenizer_config.json").write_text(""),
+                                 "tokenizer_config.json is not valid JSON"),
+    "tokenizer_config_not_utf8": (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"x": "\xe9"}'),
+                                  "tokenizer_config.json is not UTF-8 text"),
+}
+# config problems are found before anything loads, so every loader reports them the same way
+CONFIG_CASES = [name for name in MODEL_DIR_CASES if name.startswith("config") or name in ("no_config", "no_weights",
+                                                                                           "a_file_not_a_directory")]
+WEIGHT_CASES = [name for name in MODEL_DIR_CASES if name not in CONFIG_CASES]
+
+
+@pytest.fixture
+def broken_copy(tiny_model_dir, tmp_path):
+    def make(cases: dict, name: str) -> Path:
+        folder = tmp_path / name
+        breaker = cases[name][0]
+        if breaker is None:  # a file where the directory should be
+            folder.write_text("a model? no")
+            return folder
+        shutil.copytree(tiny_model_dir, folder)
+        breaker(folder)
+        return folder
+
+    return make
+
+
+def load_with(loader: str, folder: Path):
+    path = check_model_path(str(folder), "--model_name_or_path")
+    if loader == "tokenizer":
+        return load_model_tokenizer(ModelArguments(model_name_or_path=path), path)
+    if loader == "causal_lm":
+        return load_causal_lm(path, flag="--model_name_or_path")
+    return load_sequence_classifier(path, load_tokenizer(path), flag="--model_name_or_path")
+
+
+def assert_user_error_line(error: pytest.ExceptionInfo, folder: Path, fragment: str) -> str:
+    message = str(error.value)
+    assert "\n" not in message and fragment in message, message
+    assert str(folder) in message, message
+    return message
+
+
+@pytest.mark.parametrize("loader", ["tokenizer", "causal_lm"])
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_broken_model_config_is_one_line_user_error(case, loader, broken_copy):
+    folder = broken_copy(MODEL_DIR_CASES, case)
+    with pytest.raises(UserError) as error:
+        load_with(loader, folder)
+    assert_user_error_line(error, folder, MODEL_DIR_CASES[case][1])
+
+
+@pytest.mark.parametrize("loader", ["causal_lm", "sequence_classifier"])
+@pytest.mark.parametrize("case", WEIGHT_CASES)
+def test_broken_model_weights_are_one_line_user_error(case, loader, broken_copy):
+    folder = broken_copy(MODEL_DIR_CASES, case)
+    with pytest.raises(UserError) as error:
+        load_with(loader, folder)
+    assert_user_error_line(error, folder, MODEL_DIR_CASES[case][1])
+    assert error.value.args[0].startswith("--model_name_or_path")
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_broken_tokenizer_is_one_line_user_error(case, broken_copy):
+    folder = broken_copy(TOKENIZER_CASES, case)
+    with pytest.raises(UserError) as error:
+        load_with("tokenizer", folder)
+    message = assert_user_error_line(error, folder, TOKENIZER_CASES[case][1])
+    assert message.endswith("or pass --tokenizer_name")  # the stage's other way out
+    load_causal_lm(check_model_path(str(folder), "--model_name_or_path"))  # the model itself is fine
+
+
+def test_tokenizer_name_pointing_at_a_dir_without_tokenizer(tiny_model_dir, tmp_path):
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"^tokenizer .*tok has no tokenizer files.*came from into it$"):
+        load_model_tokenizer(ModelArguments(model_name_or_path=tiny_model_dir, tokenizer_name=str(empty)),
+                             tiny_model_dir)
+
+
+def test_intact_copy_loads(tiny_model_dir, tmp_path):
+    folder = tmp_path / "intact"
+    shutil.copytree(tiny_model_dir, folder)
+    assert load_with("tokenizer", folder).pad_token is not None
+    assert type(load_with("causal_lm", folder)).__name__ == "LlamaForCausalLM"
+
+
+def test_unexpected_loading_errors_still_propagate(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def out_of_memory(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_pretrained(AutoModelForCausalLM, tiny_model_dir, "--model_name_or_path")
+
+    def bug(*_args, **_kwargs):
+        raise ValueError("a bug in the loader")
+
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", bug)
+    with pytest.raises(ValueError, match="a bug in the loader"):
+        load_tokenizer(tiny_model_dir)
+
+
+def test_hub_id_offline_is_one_line_user_error(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^--model_name_or_path no-such-org/no-such-model: the model cannot be loaded"):
+        load_pretrained(AutoModelForCausalLM, "no-such-org/no-such-model", "--model_name_or_path")

@@ -275,6 +275,27 @@ def test_bad_input_cli_has_no_traceback(tiny_dir, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "no such file" in result.stderr
 
 
+def test_model_dir_without_tokenizer_cli_exits_2_with_one_line(tiny_dir, tmp_path):
+    """Was a sentencepiece/tiktoken conversion traceback, exit 1. (Every broken piece: test_modeling.py.)"""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    command = [
+        sys.executable, str(REPO / "reward_modeling.py"), "--model_name_or_path", str(model),
+        "--train_file", str(TRAIN), "--output_dir", str(tmp_path / "out"),
+    ]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("reward_modeling.py: error: tokenizer ") and "has no tokenizer files" in lines[0]
+    assert lines[0].endswith("or pass --tokenizer_name")
+
+
 # ---------------------------------------------------------------- reward statistics sample; precision
 
 
