@@ -215,8 +215,17 @@ def load_local_file(path_text: str, flag: str):
 def load_hub_dataset(name: str, config_name: str | None):
     import datasets
 
+    import pyarrow
+
     try:
         return datasets.load_dataset(name, config_name)
+    except (datasets.exceptions.DatasetBuildError, pyarrow.lib.ArrowException) as error:
+        cause = error.__cause__ or error  # DatasetGenerationError wraps the reader's error
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(
+            f"dataset {name!r}: its files cannot be read ({type(cause).__name__}: {first_line}); fix or re-export "
+            "them, or pass a local --train_file"
+        ) from None
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(

@@ -489,3 +489,18 @@ def test_csv_margin_as_text_is_a_number(tmp_path, plain_tokenizer):
     path = tmp_path / "margin.csv"
     path.write_bytes(encode_rows("csv", rows))
     assert load(str(path), plain_tokenizer, "plain", allow_sft=False)[0]["margin"] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("train.parquet", b"not parquet", "ArrowInvalid: Parquet magic bytes not found"),
+    ("train.jsonl", b'{"prompt": "a"\n', "ArrowInvalid: JSON parse error"),
+])
+def test_dataset_name_directory_with_broken_files(name, content, fragment, tmp_path):
+    """--dataset_name may be a local folder that datasets reads itself; its broken files end in one line too."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    with pytest.raises(UserError) as error:
+        load_splits(DataArguments(dataset_name=str(folder)))
+    message = str(error.value)
+    assert "\n" not in message and "my_dataset': its files cannot be read" in message and fragment in message
