@@ -8,12 +8,17 @@ export TOKENIZERS_PARALLELISM = false
 
 .PHONY: setup test demo demo-tiny bench clean-outputs
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel here; never let pip pick an unpinned (CUDA, GBs) torch.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# Optional DeepSpeed set; on a CPU-only machine its C++ comm op is compiled here, once, into the venv
+	# (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the venv's ninja, so no test rebuilds it).
+	$(PY) -m pip install --quiet -r requirements-deepspeed.txt
+	PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
+		$(PY) -m rlhf.zero --build-ops
 	touch $@
 
 setup: $(VENV)/.installed

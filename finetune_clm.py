@@ -56,6 +56,7 @@ from rlhf.training import (
     train_and_save,
     trainer_run_finished,
 )
+from rlhf.zero import prepare_deepspeed
 
 logger = logging.getLogger("rlhf")
 
@@ -99,7 +100,7 @@ def tokenize_split(dataset, tokenizer, args: FinetuneArguments, workers: int | N
 
 
 def main() -> None:
-    dist = setup_distributed_env()
+    dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.prepare_deepspeed below
     parsed = parse_stage_args(
         (ModelArguments, DataArguments, FinetuneArguments, LoraArguments, RunArguments), True, sys.argv[1:]
     )
@@ -110,6 +111,7 @@ def main() -> None:
     ft_args.check()
     lora_args.check()
     check_training_args(training_args)
+    prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_trainer_resume(training_args)

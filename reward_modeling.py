@@ -79,6 +79,7 @@ from rlhf.training import (
     train_and_save,
     trainer_run_finished,
 )
+from rlhf.zero import model_to_save, prepare_deepspeed
 
 logger = logging.getLogger("rlhf")
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
@@ -123,7 +124,7 @@ class RewardLoraArguments(LoraArguments):
 
 
 def main() -> None:
-    dist = setup_distributed_env()
+    dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.prepare_deepspeed below
     parsed = parse_stage_args(
         (ModelArguments, RewardDataArguments, RewardArguments, RewardLoraArguments, RunArguments), True, sys.argv[1:]
     )
@@ -134,6 +135,7 @@ def main() -> None:
     rm_args.check()
     lora_args.check()
     check_training_args(training_args)
+    prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     do_train = not rm_args.eval_only
@@ -206,8 +208,10 @@ def main() -> None:
                     len(stats_set), len(train_set), sampled, mean, std, stats["train_scores_accuracy"])
     if eval_set is not None:
         evaluate_and_save(trainer, len(eval_set), with_perplexity=False)
+    if do_train:
+        final = model_to_save(trainer)  # under ZeRO-3 every rank gathers the weights; rank 0 gets a plain copy
     if do_train and trainer.is_world_process_zero():
-        save_reward_model(trainer.model, tokenizer, training_args.output_dir, mean, std, len(stats_set))
+        save_reward_model(final, tokenizer, training_args.output_dir, mean, std, len(stats_set))
         logger.info("Saved the merged reward model and tokenizer to %s", training_args.output_dir)
 
 

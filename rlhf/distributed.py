@@ -156,14 +156,42 @@ def dist_info_from_env(env: MutableMapping[str, str] | None = None) -> tuple[Dis
     return DistInfo(rank=0, local_rank=0, world_size=1), {}
 
 
-def setup_distributed_env(env: MutableMapping[str, str] | None = None) -> DistInfo:
+def deepspeed_launch(env: MutableMapping[str, str] | None = None) -> str | None:
+    """The launcher that asked this process to run under DeepSpeed, or None.
+
+    ``accelerate launch --use_deepspeed`` exports ``ACCELERATE_USE_DEEPSPEED=true``; the ``deepspeed``
+    launcher (also behind ``gaudi_spawn.py --use_deepspeed``) exports ``CROSS_RANK``, ``CROSS_SIZE`` and
+    ``LOCAL_SIZE`` to every worker."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("true", "1", "yes"):
+        return "accelerate launch --use_deepspeed"
+    if all(env.get(name, "").strip() for name in DEEPSPEED_LAUNCHER_VARS):
+        return "the deepspeed launcher"
+    return None
+
+
+DEEPSPEED_LAUNCHER_VARS = ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
+
+
+def setup_distributed_env(env: MutableMapping[str, str] | None = None, *, supports_deepspeed: bool = False) -> DistInfo:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from an MPI launcher's variables if needed.
 
     Variables that are already set are never overwritten. Returns this process's ``DistInfo``.
     A single process (no launcher) gets rank 0 of 1 and nothing is exported.
+
+    A script that does not run under DeepSpeed (``supports_deepspeed=False``, the default) refuses a
+    launch that asks for it (``deepspeed_launch``), instead of training with plain data parallelism
+    and reporting success.
     """
     own_process = env is None
     env = os.environ if env is None else env
+    launch = deepspeed_launch(env)
+    if launch is not None and not supports_deepspeed:
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "this script"
+        raise UserError(
+            f"{script} was started by {launch}, but it does not run under DeepSpeed (it would train with plain "
+            "data parallelism instead); launch it with torchrun or accelerate launch --multi_gpu"
+        )
     info, exports = dist_info_from_env(env)
     for name, value in exports.items():
         env[name] = value

@@ -276,6 +276,9 @@ def position_ids_from_mask(attention_mask):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) numbers of elements; a ZeRO-3 placeholder counts its real size (``ds_numel``)."""
+    from rlhf.zero import numel
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total

@@ -318,6 +318,16 @@ class ReliableTrainerMixin:
             best = self.state.best_model_checkpoint
             prune_checkpoints(run_dir, limit, protect=(best,) if best else ())
 
+    def _save(self, output_dir=None, state_dict=None, *args, **kwargs):
+        """Every model write (final and checkpoints) goes through here: the writing rank refuses ZeRO-3
+        placeholders (other ranks may get here with no state dict, only to join collectives)."""
+        from rlhf.zero import check_no_placeholders
+
+        if self.args.should_save:
+            check_no_placeholders(self.model.state_dict() if state_dict is None else state_dict,
+                                  f"the model to {output_dir or self.args.output_dir}")
+        return super()._save(output_dir, state_dict, *args, **kwargs)
+
 
 def reliable_trainer_class(base_trainer_class: type) -> type:
     """``base_trainer_class`` (Trainer, GaudiTrainer or a subclass) with ``ReliableTrainerMixin`` in front.
