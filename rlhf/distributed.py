@@ -22,6 +22,11 @@ In a process of a multi-process job (world size > 1, read from ``os.environ``) i
   is still running, e.g. while rank 0 alone writes the final model;
 * on ranks other than 0, turns off the ``datasets`` progress bars, so that only rank 0 shows
   progress (the Trainer and ``rl_training.py`` already keep other ranks' logs at warning level).
+
+A launch that asks for DeepSpeed (``deepspeed_launch()``: the ``deepspeed`` launcher, also behind
+``gaudi_spawn.py --use_deepspeed``, or ``accelerate launch --use_deepspeed``) is refused with one
+line (exit 2) unless the script passes ``setup_distributed_env(supports_deepspeed=True)``: a script
+that does not run under DeepSpeed would otherwise train with plain data parallelism and exit 0.
 """
 
 from __future__ import annotations

@@ -17,9 +17,16 @@ the stage scripts add around it:
 - ``plain_copy(model, state_dict)``: on rank 0, a plain (not partitioned) CPU model of the same
   class, PEFT wrapper included, holding ``state_dict``: what ``reward_modeling.py`` merges LoRA
   into and saves.
+- ``model_to_save(trainer)``: on every rank after training; ``trainer.model``, or under ZeRO-3 the
+  plain copy above on rank 0 (``None`` elsewhere).
 - ``check_no_placeholders(state_dict, what)``: raise instead of writing a 0-element tensor. A save
   from partitioned weights that were not gathered writes such tensors and would otherwise "succeed".
+- Memory per device for docs/distributed.md: ``model_states_bytes`` (the ZeRO paper's formulas),
+  ``memory_table`` (Llama-2 7B/13B/70B, SFT/RM/PPO, LoRA/full, ZeRO-2/3) and
+  ``deepspeed_estimates`` (DeepSpeed's own estimators for comparison).
 
+``python -m rlhf.zero --build-ops`` compiles DeepSpeed's run-time C++ ops for this machine into
+``TORCH_EXTENSIONS_DIR`` (``make setup`` does); ``--memory-table`` prints the tables.
 Imports neither torch nor deepspeed at module level.
 """
 
