@@ -256,6 +256,9 @@ def make_dpo_trainer_class(base_trainer_class: type) -> type:
         def __init__(self, *args, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                      ref_model=None, **kwargs):
             super().__init__(*args, **kwargs)
+            # The loss is a mean over the batch's pairs, not normalised by a token count the Trainer passes:
+            # let the Trainer divide it by the gradient-accumulation steps (transformers 4.55 and 5).
+            self.model_accepts_loss_kwargs = False
             self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
             self.ref_model = ref_model
             if ref_model is not None:
@@ -412,7 +415,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                eos_token_id=eos,
+                eos_token_id=eos, use_cache=True,  # training turned the config's cache off
             )
             for generated in output[:, width:].tolist():
                 if eos is not None and eos in generated:

@@ -145,6 +145,7 @@ def test_loss_equals_trl_with_the_adapter_disabled_reference(tiny, tmp_path):
         loss = ours.compute_loss(ours.model, DPOPairCollator(tokenizer.pad_token_id)(features)).item()
     print(f"LoRA sigmoid: ours {loss:.8f} TRL {expected:.8f} diff {abs(loss - expected):.2e}")
     assert abs(loss - expected) < TOLERANCE and abs(expected - math.log(2)) > 1e-4
+    assert ours.model_accepts_loss_kwargs is False  # a per-batch mean: the Trainer divides by accumulation steps
 
 
 def test_conservative_dpo_is_trl_sigmoid_mixed_with_the_flipped_pairs(tiny, tmp_path):
