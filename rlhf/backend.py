@@ -161,6 +161,8 @@ class Backend:
         if fp16 and self.device == "cpu":
             raise UserError("--fp16 is not supported on CPU (no fp16 autocast or loss scaling there); "
                             "use --bf16 on a CPU with bf16 units, or drop --fp16 for fp32")
+        if fp16 and self.device == "hpu":
+            raise UserError("--fp16 is not supported on Gaudi (optimum-habana trains in bf16); use --bf16")
         if bf16 and not bf16_supported(self.device):
             raise UserError(f"{bf16_unsupported_reason(self.device)}; {BF16_HELP}")
 

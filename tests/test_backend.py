@@ -245,6 +245,12 @@ def test_fp16_allowed_off_cpu():
     assert Backend(device="cuda").torch_dtype(fp16=True) == torch.float16
 
 
+def test_fp16_refused_on_gaudi():
+    with pytest.raises(UserError, match="--fp16 is not supported on Gaudi.*use --bf16") as error:
+        Backend(device="hpu").check_precision(fp16=True)
+    _one_line(str(error.value))
+
+
 def test_fp16_refused_on_cpu_even_under_a_trainer():
     args = transformers.TrainingArguments(output_dir="unused", fp16=True, use_cpu=True)
     with pytest.raises(UserError, match="--fp16 is not supported on CPU") as error:
