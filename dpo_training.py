@@ -174,6 +174,9 @@ def main() -> None:
     detect_format(train_raw.column_names, train_source, allow_sft=False)
     if eval_raw is not None:
         detect_format(eval_raw.column_names, eval_source, allow_sft=False)
+    elif dpo_args.heldout_samples:
+        raise UserError("--heldout_samples needs held-out prompts; pass --validation_file or "
+                        "--validation_split_percentage")
     tokenizer = load_model_tokenizer(model_args, model_path)
     template = resolve_template(data_args.prompt_template, tokenizer)
     workers = data_args.preprocessing_num_workers
@@ -234,7 +237,7 @@ def main() -> None:
         if eval_set is not None:
             eval_set = trainer.eval_dataset = trainer.precompute_reference(eval_set, "evaluation")
 
-    heldout = heldout_prompts(eval_text if eval_text is not None else train_text, dpo_args.heldout_samples)
+    heldout = heldout_prompts(eval_text, dpo_args.heldout_samples) if eval_text is not None else []
     sampling = dict(max_new_tokens=dpo_args.heldout_max_new_tokens, max_prompt_length=dpo_args.max_prompt_length,
                     batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed + 1234,
                     device=training_args.device)

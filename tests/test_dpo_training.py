@@ -135,6 +135,7 @@ def sft_only_file(tmp_path) -> str:
     (["--loss_type", "kto"], "--loss_type 'kto' is not one of sigmoid, ipo, robust"),
     (["--loss_type", "ipo", "--label_smoothing", "0.1"], "not ipo"),
     (["--max_prompt_length", "96"], "leaves no room for the answer"),
+    (["--heldout_samples", "4", "--validation_split_percentage", "0"], "--heldout_samples needs held-out prompts"),
     ("NO_PAIRS", "no known format in columns ['completion', 'prompt']"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_loading, extra,
