@@ -139,7 +139,7 @@ def bf16_supported(device: str) -> bool:
 def bf16_unsupported_reason(device: str) -> str:
     if device == "cuda":
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
-        return f"--bf16 was requested but {name} has no native bfloat16 support (torch would emulate it)"
+        return f"--bf16 was requested but {name} has no bfloat16 units, so torch would emulate bf16 (slowly)"
     return ("--bf16 was requested but this CPU has no bfloat16 instructions (no avx512_bf16 or amx_bf16 flag), "
             "so bf16 would run as a slow emulation")
 
