@@ -159,3 +159,20 @@ def test_report_reads_the_dpo_summary_without_a_reward_model(trained):
     assert "No reward model" in text and "| mean reward-model score | n/a | n/a |" in text
     assert "rule_score" in numbers["rule_before"] and "rule_score" in numbers["rule_after"]
     assert str(output / "training_curves.png") in text
+
+
+def test_dpo_learns_to_prefer_the_chosen_answers(tiny_model_dir, tmp_path, monkeypatch):
+    """A few full fine-tuning steps on 8 pairs: the implicit reward ranks chosen above rejected on them
+    (measured: accuracy 1, margin 1.6, loss 0.21) and the loss falls well below log 2."""
+    rows = TRAIN.read_text().splitlines()[:8]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", str(pairs), "--validation_file", str(pairs),
+            "--output_dir", str(output), "--peft", "none", "--max_steps", "12", "--logging_steps", "4",
+            "--save_strategy", "no", "--beta", "0.1", *SMALL, *QUIET]
+    assert run_main(monkeypatch, argv) == 0
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["eval_rewards/accuracies"] >= 0.875
+    assert results["eval_rewards/margins"] > 0.5
+    assert results["eval_loss"] < 0.5 * math.log(2)
