@@ -95,12 +95,29 @@ def prepare_deepspeed(training_args) -> int:
     import deepspeed.comm
 
     if not deepspeed.comm.is_initialized():
+        _one_process_group_env()
         backend = training_args.ddp_backend
         if backend is None and getattr(training_args, "use_cpu", False):
             backend = "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     logger.info("DeepSpeed ZeRO stage %d (%s), %d processes", stage, source, deepspeed.comm.get_world_size())
     return stage
+
+
+def _one_process_group_env() -> None:
+    """``python script.py --deepspeed ...`` (no launcher): the variables of a 1-process group, which
+    ``deepspeed.init_distributed`` would otherwise look for through MPI (and fail without mpi4py)."""
+    import os
+    import socket
+
+    if os.environ.get("RANK", "").strip() or os.environ.get("WORLD_SIZE", "").strip():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(port))):
+        os.environ.setdefault(name, value)
 
 
 def is_partitioned(tensor) -> bool:

@@ -1,0 +1,448 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3, LoRA and full fine-tune, for SFT and the reward model, really run.
+
+Each DeepSpeed run is 2 CPU processes (gloo) on the tiny model, 3 optimizer steps, and is compared
+with a plain 2-process ``torchrun`` run of the same settings (one per stage and PEFT mode, shared by
+the ZeRO-2 and ZeRO-3 cases):
+
+* the same loss at every step (relative tolerance ``LOSS_RTOL``);
+* the final weights, loaded back with ``from_pretrained`` (SFT: the LoRA adapter on the base model,
+  or the full model; RM: the merged classifier), equal within ``WEIGHT_ATOL`` (absolute, fp32: a
+  tenth of the learning rate, i.e. of one Adam step), and training moved them by ten times more
+  (``MIN_CHANGE``), so the comparison can fail;
+* no 0-element tensor in any written safetensors file (a ZeRO-3 save from ungathered partitions
+  writes such tensors and would otherwise "succeed").
+
+ZeRO-2 uses the shipped ``configs/deepspeed/zero2.json``. ZeRO-3 uses ``tests/configs/zero3_release.json``:
+the shipped ``zero3.json`` with limits that make ZeRO-3 release every parameter after use (the
+shipped limits keep a tiny model whole and would hide save bugs). The launchers are spread over the
+cases: ``deepspeed``, ``torchrun --deepspeed``, ``accelerate launch --use_deepspeed
+--deepspeed_config_file`` and ``gaudi_spawn.py --use_deepspeed``.
+
+DeepSpeed builds a C++ shared-memory comm op on first use on CPU (about 60 s); the jobs get
+``TORCH_EXTENSIONS_DIR=<venv>/torch_extensions`` (unless already set) and the venv's ``bin`` first on
+``PATH`` (its ninja), so it is built once per venv (``make setup`` builds it) and reused.
+
+Also here: a script that does not run under DeepSpeed (PPO) refuses a DeepSpeed launch with exit 2
+and one line, and the refusals of the Trainer stages, in-process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed (make setup installs it)")
+
+TRAIN = REPO / "data" / "demo" / "train.jsonl"
+TEST = REPO / "data" / "demo" / "test.jsonl"
+ZERO = {2: REPO / "configs" / "deepspeed" / "zero2.json", 3: REPO / "tests" / "configs" / "zero3_release.json"}
+WORLD = 2
+STEPS = 3
+TIMEOUT = 600
+LEARNING_RATE = 1e-3
+LOSS_RTOL = 1e-5
+# Partitioned gradients are summed in another order; Adam turns a tiny difference in a near-zero gradient
+# into a step of up to the learning rate, so a few weights may differ by a fraction of one step. Measured
+# here: 0 to 1e-6, and 4e-5 for the full RM under ZeRO-3. Allowed: a tenth of the learning rate.
+WEIGHT_ATOL = LEARNING_RATE / 10
+MIN_CHANGE = LEARNING_RATE  # training must move some weight by more than this (a comparison that can fail)
+
+COMMON = ["--max_steps", str(STEPS), "--per_device_train_batch_size", "2", "--learning_rate", str(LEARNING_RATE),
+          "--max_train_samples", "48", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1",
+          "--seed", "0"]
+SFT_ARGS = [*COMMON, "--train_file", str(TRAIN), "--do_train", "--max_seq_length", "128",
+            "--save_strategy", "steps", "--save_steps", str(STEPS)]
+RM_ARGS = [*COMMON, "--train_file", str(TRAIN), "--validation_file", str(TEST), "--max_eval_samples", "16",
+           "--per_device_eval_batch_size", "8", "--max_length", "128", "--save_strategy", "no",
+           "--reward_stats_samples", "8"]
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "HF_TOKEN")
+BAD_STDERR = re.compile(r"Traceback|terminate called|Aborted|Segmentation fault|\bError\b|error:|"
+                        r"[A-Za-z]+Error\b|exited on signal")
+
+# (stage script, ZeRO stage, PEFT mode) -> launcher; every launcher is used by SFT and by RM.
+CASES = {
+    ("sft", 2, "lora"): "deepspeed",
+    ("sft", 3, "lora"): "torchrun",
+    ("sft", 2, "none"): "accelerate",
+    ("sft", 3, "none"): "gaudi_spawn",
+    ("rm", 2, "lora"): "accelerate",
+    ("rm", 3, "lora"): "deepspeed",
+    ("rm", 2, "none"): "torchrun",
+    ("rm", 3, "none"): "gaudi_spawn",
+}
+SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_env(home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in LAUNCHER_VARS and not key.startswith(("OMPI_", "PMI_", "ACCELERATE_"))}
+    venv_bin = str(Path(sys.executable).parent)
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", HF_HOME=str(home), PATH=venv_bin + os.pathsep + env.get("PATH", ""),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions"))
+    return env
+
+
+def launch(launcher: str, script: str, args: list[str], zero: int | None, tmp: Path) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    config = [] if zero is None else ["--deepspeed", str(ZERO[zero])]
+    if launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+                  "--master_addr", "127.0.0.1", "--master_port", port]
+    elif launcher == "deepspeed":  # the `deepspeed` command; it passes --local_rank=N to the script
+        prefix = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(WORLD), "--master_port", port]
+    elif launcher == "gaudi_spawn":  # runs `deepspeed --num_nodes 1 --num_gpus 2 --no_local_rank ...`
+        prefix = [sys.executable, "gaudi_spawn.py", "--world_size", str(WORLD), "--use_deepspeed",
+                  "--master_port", port]
+    elif launcher == "accelerate":  # the config goes to accelerate, not to the script
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes",
+                  str(WORLD), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", port, "--deepspeed_config_file", str(ZERO[zero])]
+        config = []
+    else:
+        raise ValueError(launcher)
+    return subprocess.run([*prefix, script, *args, *config], cwd=REPO, env=job_env(tmp / "hf_home"),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def assert_clean(result: subprocess.CompletedProcess) -> str:
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    bad = [line for line in result.stderr.splitlines() if BAD_STDERR.search(line)]
+    assert not bad, "\n".join(bad[:20]) + "\n---\n" + result.stderr[-4000:]
+    assert log.count(f"Backend: cpu (rank 0 of {WORLD})") == 1, log[-4000:]
+    return log
+
+
+def losses(output: Path) -> list[float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return [row["loss"] for row in history if "loss" in row]
+
+
+def assert_no_empty_tensors(output: Path) -> None:
+    from safetensors import safe_open
+
+    files = list(output.rglob("*.safetensors"))
+    assert files, f"no safetensors file under {output}"
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            empty = [key for key in handle.keys() if math.prod(handle.get_slice(key).get_shape()) == 0]
+        assert not empty, f"{path}: 0-element tensors {empty[:5]}"
+
+
+def load_weights(stage: str, peft: str, output: Path, base: str) -> dict:
+    """The trained model as a user loads it, as fp32 CPU tensors by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if stage == "rm":  # always the merged classifier
+        model = AutoModelForSequenceClassification.from_pretrained(output)
+        config = json.loads((output / "config.json").read_text())
+        assert math.isfinite(config["reward_mean"]) and config["reward_std"] > 0
+    elif peft == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(output)
+    return {name: tensor.detach().to(torch.float32).clone() for name, tensor in model.state_dict().items()}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:10]
+    for name in a:
+        assert a[name].shape == b[name].shape, (name, a[name].shape, b[name].shape)
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: the tiny model, and the plain 2-process runs everything is compared with
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deepspeed")
+
+
+def stage_args(stage: str, peft: str, model: str, output: Path) -> list[str]:
+    return ["--model_name_or_path", model, "--output_dir", str(output), "--peft", peft,
+            *(SFT_ARGS if stage == "sft" else RM_ARGS)]
+
+
+PARAMETERS = re.compile(r"Parameters: \d+ trainable of \d+")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp):
+    """``plain_run(stage, peft)``: (output dir, log) of a plain 2-process torchrun run, made once."""
+    runs: dict[tuple[str, str], tuple[Path, str]] = {}
+
+    def run(stage: str, peft: str) -> tuple[Path, str]:
+        key = (stage, peft)
+        if key not in runs:
+            output = tmp / f"{stage}-{peft}-plain"
+            result = launch("torchrun", SCRIPTS[stage], stage_args(stage, peft, tiny_model_dir, output), None, tmp)
+            log = assert_clean(result)
+            assert "DeepSpeed ZeRO" not in log
+            runs[key] = output, log
+        return runs[key]
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# the DeepSpeed runs
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(("stage", "zero", "peft"), list(CASES), ids=[f"{s}-zero{z}-{p}" for s, z, p in CASES])
+def test_zero_matches_plain_run(stage, zero, peft, tiny_model_dir, plain_run, tmp):
+    from rlhf.checkpoint import COMPLETE_MARKER
+
+    launcher = CASES[(stage, zero, peft)]
+    plain, plain_log = plain_run(stage, peft)
+    output = tmp / f"{stage}-{peft}-zero{zero}"
+    result = launch(launcher, SCRIPTS[stage], stage_args(stage, peft, tiny_model_dir, output), zero, tmp)
+    log = assert_clean(result)
+    # DeepSpeed really ran, with the stage asked for, over both processes
+    assert f"DeepSpeed ZeRO stage {zero} (" in log and f"), {WORLD} processes" in log, log[-4000:]
+    # ZeRO-3 counts real sizes, not the 0-element placeholders (the plain run logs the same line)
+    counts = PARAMETERS.findall(log)
+    assert len(counts) == 1 and counts == PARAMETERS.findall(plain_log), (counts, PARAMETERS.findall(plain_log))
+    trainable, total = map(int, re.findall(r"\d+", counts[0]))
+    assert 0 < trainable <= total and (trainable < total) == (peft == "lora")
+
+    # the same loss curve as the plain run
+    ours, theirs = losses(output), losses(plain)
+    assert len(ours) == len(theirs) == STEPS
+    assert ours == pytest.approx(theirs, rel=LOSS_RTOL), (ours, theirs)
+
+    # written weights: no placeholders, loadable with from_pretrained, equal to the plain run's
+    assert_no_empty_tensors(output)
+    trained = load_weights(stage, peft, output, tiny_model_dir)
+    reference = load_weights(stage, peft, plain, tiny_model_dir)
+    difference = max_difference(trained, reference)
+    print(f"{stage} ZeRO-{zero} {peft} via {launcher}: losses {ours}, max weight difference {difference:.1e}")
+    assert difference <= WEIGHT_ATOL
+    initial = load_weights("sft", "none", Path(tiny_model_dir), tiny_model_dir) if stage == "sft" else None
+    if initial is not None:
+        base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in trained.items()}
+        moved = max(float((base[k] - initial[k]).abs().max()) for k in initial if k in base)
+        if peft == "lora":  # the base stays frozen; the adapter (B starts at 0) moved
+            assert moved == 0.0
+            assert max(float(v.abs().max()) for k, v in trained.items() if "lora_B" in k) > MIN_CHANGE
+        else:
+            assert moved > MIN_CHANGE
+    if stage == "sft":  # the step-3 checkpoint holds the same weights as the final save
+        checkpoint = output / f"checkpoint-{STEPS}"
+        assert (checkpoint / COMPLETE_MARKER).is_file()
+        assert max_difference(load_weights(stage, peft, checkpoint, tiny_model_dir), trained) == 0.0
+    else:
+        assert "Saved the merged reward model" in log
+        assert not (output / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals: a DeepSpeed launch that would silently run without DeepSpeed
+
+
+def test_ppo_refuses_a_deepspeed_launch(tmp):
+    """``accelerate launch --use_deepspeed rl_training.py`` used to run plain DDP and exit 0."""
+    env = job_env(tmp / "hf_home")
+    for extra in ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "1"}):
+        result = subprocess.run([sys.executable, "rl_training.py", "--model_name", "x", "--output_dir", str(tmp / "x")],
+                                cwd=REPO, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "does not run under DeepSpeed" in lines[0], result.stderr
+        assert not (tmp / "x").exists()
+
+
+def test_deepspeed_launch_detection():
+    from rlhf.distributed import deepspeed_launch
+
+    assert deepspeed_launch({}) is None
+    assert deepspeed_launch({"ACCELERATE_USE_DEEPSPEED": "false"}) is None
+    assert deepspeed_launch({"ACCELERATE_USE_DEEPSPEED": "true"}) == "accelerate launch --use_deepspeed"
+    assert deepspeed_launch({"CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "2"}) == "the deepspeed launcher"
+    assert deepspeed_launch({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}) is None  # torchrun-like
+
+
+def test_setup_refuses_deepspeed_unless_supported(monkeypatch):
+    from rlhf.distributed import DistInfo, setup_distributed_env
+    from rlhf.errors import UserError
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    with pytest.raises(UserError, match="does not run under DeepSpeed"):
+        setup_distributed_env(dict(env))
+    assert setup_distributed_env(dict(env), supports_deepspeed=True) == DistInfo(0, 0, 1)
+
+
+def test_trainer_stage_refuses_deepspeed_launcher_without_config(monkeypatch):
+    """``deepspeed finetune_clm.py ...`` without ``--deepspeed CONFIG`` would train plain DDP."""
+    from rlhf.errors import UserError
+    from rlhf.zero import prepare_deepspeed
+
+    args = SimpleNamespace(deepspeed=None, deepspeed_plugin=None)
+    for name in ("ACCELERATE_USE_DEEPSPEED", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert prepare_deepspeed(args) == 0
+    for name, value in (("CROSS_RANK", "0"), ("CROSS_SIZE", "1"), ("LOCAL_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="without a DeepSpeed config.*--deepspeed configs/deepspeed/zero2.json"):
+        prepare_deepspeed(args)
+
+
+def test_one_process_gets_a_group_env(monkeypatch):
+    """``python finetune_clm.py --deepspeed ...`` with no launcher: a 1-process group, not MPI discovery."""
+    from rlhf.zero import _one_process_group_env
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    _one_process_group_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    _one_process_group_env()  # a launcher's variables are left alone
+    assert (os.environ["RANK"], os.environ["MASTER_PORT"]) == ("1", "1234")
+
+
+@needs_deepspeed
+def test_zero3_config_must_gather_weights_on_save(tmp_path):
+    from transformers import TrainingArguments
+
+    from rlhf.errors import UserError
+    from rlhf.zero import prepare_deepspeed
+
+    config = json.loads(ZERO[3].read_text())
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    path = tmp_path / "no_gather.json"
+    path.write_text(json.dumps(config))
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(path), report_to="none", use_cpu=True)
+    with pytest.raises(UserError, match="stage3_gather_16bit_weights_on_model_save: true"):
+        prepare_deepspeed(args)
+
+
+def test_release_config_is_the_shipped_zero3_with_release_limits():
+    shipped = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    test = json.loads(ZERO[3].read_text())
+    forced = {"stage3_max_live_parameters": 1000, "stage3_max_reuse_distance": 0,
+              "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 1000}
+    assert {k: test["zero_optimization"][k] for k in forced} == forced
+    for key in forced:
+        shipped["zero_optimization"][key] = test["zero_optimization"][key]
+    assert test == shipped
+
+
+# ---------------------------------------------------------------------------------------------
+# never write placeholders (in-process)
+
+
+def test_placeholder_weights_are_refused(tmp_path):
+    import torch
+
+    from rlhf.zero import PlaceholderWeights, check_no_placeholders
+
+    check_no_placeholders({"a": torch.ones(2), "b": torch.zeros(1)}, "x")
+    with pytest.raises(PlaceholderWeights, match="1 tensor\\(s\\) have 0 elements \\(b\\)"):
+        check_no_placeholders({"a": torch.ones(2), "b": torch.empty(0)}, "x")
+
+
+def test_reward_model_save_refuses_placeholders(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhf.modeling import load_sequence_classifier
+    from rlhf.reward import save_reward_model
+    from rlhf.zero import PlaceholderWeights
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = load_sequence_classifier(tiny_model_dir, tokenizer)
+    model.score.weight.data = torch.empty(0)  # what rank 0 sees of a released ZeRO-3 parameter
+    with pytest.raises(PlaceholderWeights, match="score.weight"):
+        save_reward_model(model, tokenizer, str(tmp_path / "rm"), 0.0, 1.0)
+    assert not (tmp_path / "rm" / "model.safetensors").exists()
+
+
+def test_count_parameters_counts_zero3_placeholders():
+    import torch
+
+    from rlhf.modeling import count_parameters
+
+    layer = torch.nn.Linear(4, 3)
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_numel = 12  # as deepspeed.zero.Init leaves it
+    layer.bias.requires_grad_(False)
+    assert count_parameters(layer) == (12, 15)
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory table in docs/distributed.md
+
+
+def test_parameter_counts_are_llama2s():
+    from rlhf.zero import LLAMA2
+
+    assert [shape.causal_lm() for shape in LLAMA2] == [6_738_415_616, 13_015_864_320, 68_976_648_192]
+    seven = LLAMA2[0]
+    assert seven.lora() == 32 * 4 * 8 * (4096 + 4096)  # r 8 on four 4096x4096 projections per layer
+    assert seven.classifier() == seven.causal_lm() - 32000 * 4096 + 4096
+
+
+def test_model_states_formula():
+    from rlhf.zero import model_states_bytes
+
+    n = 1000
+    assert model_states_bytes(n, n, 8, 2) == 2 * n + 14 * n / 8  # 16-bit params replicated
+    assert model_states_bytes(n, n, 8, 3) == 16 * n / 8  # everything partitioned
+    assert model_states_bytes(n + 10, 10, 8, 2) == 2 * (n + 10) + 14 * 10 / 8  # LoRA: frozen base, 16 B/trainable
+    assert model_states_bytes(n, n, 1, 2) == model_states_bytes(n, n, 1, 3) == 16 * n
+
+
+@needs_deepspeed
+def test_formula_against_deepspeed_estimators():
+    """DeepSpeed's estimators count 18 bytes per parameter partitioned where the formula has 14 (ZeRO-2:
+    gradient + Adam) or 16 (ZeRO-3: also the 16-bit weights), and for ZeRO-3 the largest layer in fp32."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from rlhf.zero import LLAMA2, model_states_bytes
+
+    for devices in (8, 16):
+        for shape in LLAMA2:
+            n, largest = shape.causal_lm(), shape.largest_layer()
+            _, zero2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=devices, cpu_offload=False)
+            _, zero3, _ = estimate_zero3_model_states_mem_needs(n, largest, num_gpus_per_node=devices,
+                                                                cpu_offload=False, cpu_offload_params=False)
+            assert zero2 - model_states_bytes(n, n, devices, 2) == pytest.approx(4 * n / devices, abs=1)
+            assert zero3 - model_states_bytes(n, n, devices, 3) == pytest.approx(2 * n / devices + 4 * largest, abs=1)
+
+
+def test_docs_hold_the_current_table():
+    from rlhf.zero import memory_table
+
+    assert memory_table() in (REPO / "docs" / "distributed.md").read_text()
