@@ -381,9 +381,10 @@ def build_ops() -> str:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return f"nothing to build ahead for the {accelerator.device_name()} accelerator"
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
-    return "built deepspeed_shm_comm" if ds_torch.build_shm_op() is not None else "shm comm op not compatible here"
+    build_shm_op = importlib.import_module("deepspeed.comm.torch").build_shm_op  # not the `torch` name in deepspeed.comm
+    return "built deepspeed_shm_comm" if build_shm_op() is not None else "shm comm op not compatible here"
 
 
 if __name__ == "__main__":

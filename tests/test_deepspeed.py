@@ -315,6 +315,22 @@ def test_trainer_stage_refuses_deepspeed_launcher_without_config(monkeypatch):
         prepare_deepspeed(args)
 
 
+@needs_deepspeed
+def test_build_ops_fills_the_cache_the_jobs_use(monkeypatch, tmp):
+    """``make setup`` runs ``python -m rlhf.zero --build-ops`` with the jobs' TORCH_EXTENSIONS_DIR and PATH."""
+    from rlhf.zero import build_ops
+
+    env = job_env(tmp / "hf_home")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    monkeypatch.setenv("PATH", env["PATH"])
+    message = build_ops()
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        assert message == "built deepspeed_shm_comm"
+        assert list(Path(env["TORCH_EXTENSIONS_DIR"]).rglob("deepspeed_shm_comm*.so"))
+
+
 def test_one_process_gets_a_group_env(monkeypatch):
     """``python finetune_clm.py --deepspeed ...`` with no launcher: a 1-process group, not MPI discovery."""
     from rlhf.zero import _one_process_group_env
