@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.arguments import check_trackers_installed, parse_stage_args, public_dict
-from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, latest_checkpoint, prune_checkpoints
+from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune_checkpoints
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
@@ -55,7 +55,9 @@ from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_se
 from rlhf.plotting import plot_curves
 from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
 from rlhf.reward import RewardScorer
+from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.tokenization import encode_text, keep_end
+from rlhf.training import StopOnSignal, already_finished, check_output_dir, resolve_resume, resume_requested
 
 logger = logging.getLogger("rlhf")
 
@@ -76,6 +78,11 @@ class ScriptArguments:
     model_name: str | None = field(default=None, metadata={"help": "SFT model (merged) to start from."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     reward_model_name: str | None = field(default=None, metadata={"help": "Reward model from reward_modeling.py."})
+    reward_fn: list[str] | None = field(default=None, metadata={
+        "help": "Reward(s) computed by code, module:function (e.g. rlhf.demo_rule:rule_reward), instead of or beside "
+                "the reward model; gets prompts, responses and the prompt rows' other columns."})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per reward, the reward model first (default: 1 each)."})
     log_with: str | None = field(default=None, metadata={"help": "wandb or tensorboard (besides metrics.jsonl)."})
     normalize_reward: bool = field(default=False, metadata={"help": "Normalise scores with the RM's stored mean/std."})
     batched_gen: bool = field(default=False, metadata={"help": "Generate the whole batch at once (else one by one)."})
@@ -97,7 +104,9 @@ class ScriptArguments:
     num_shown_samples: int = field(default=4, metadata={"help": "Responses shown in summary.json and the log."})
     skip_nonfinite_rewards: bool = field(default=False, metadata={"help": "Skip a batch whose rewards are NaN/inf."})
     merge_final: bool = field(default=True, metadata={"help": "Also save the merged policy in output_dir/merged."})
-    bf16: bool = field(default=False, metadata={"help": "Load models in bfloat16."})
+    bf16: bool = field(default=False, metadata={
+        "help": "Frozen weights (base, reference, reward model) in bfloat16; LoRA adapters, value head, optimizer, "
+                "log-probs and advantages stay fp32. Needs bf16 hardware; LoRA only."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
 
     def check(self) -> None:
@@ -115,21 +124,6 @@ class ScriptArguments:
             raise UserError("--eval_samples >= 0 and 0 <= --lora_dropout < 1 are required")
 
 
-class StopRequest:
-    """Remembers SIGTERM/SIGINT so the loop can finish its step and checkpoint first."""
-
-    def __init__(self):
-        self.signal_number: int | None = None
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self.request)
-
-    def request(self, number, _frame) -> None:
-        if self.signal_number is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal_number = number
-        logger.warning("Received %s: finishing this step, then checkpointing", signal.Signals(number).name)
-
-
 def distinct_prompts(prompts: list[str], source: str) -> list[str]:
     """Non-empty prompts, each once, in file order.
 
@@ -144,11 +138,26 @@ def distinct_prompts(prompts: list[str], source: str) -> list[str]:
     return distinct
 
 
+def rows_by_prompt(prompts: list[str], raw) -> dict[str, dict]:
+    """Each rendered prompt's dataset row (its first), whose columns reward functions may read."""
+    rows: dict[str, dict] = {}
+    for prompt, row in zip(prompts, raw):
+        rows.setdefault(prompt, row)
+    return rows
+
+
+def columns_of(prompts: list[str], rows: dict[str, dict]) -> dict[str, list]:
+    """The dataset columns of ``prompts`` as lists aligned with them (what a reward function gets)."""
+    names = list(rows[prompts[0]]) if prompts else []
+    return {name: [rows[p].get(name) for p in prompts] for name in names}
+
+
 def load_prompts(data_args: DataArguments, config: PPOConfig, eval_samples: int, tokenizer, world: int, rank: int):
-    """(training prompts for this rank, held-out prompts) as rendered prompt texts."""
+    """(training prompts for this rank, held-out prompts, each prompt's dataset row); prompts are rendered texts."""
     train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=config.seed)
     template = resolve_template(data_args.prompt_template, tokenizer)
     train, _ = prepare_examples(train_raw, train_source, tokenizer, template, allow_sft=True)
+    rows = rows_by_prompt(train["prompt"], train_raw)
     prompts = distinct_prompts(train["prompt"], train_source)
     if not prompts:
         raise UserError(f"{train_source}: no prompts found (a text-only dataset has none); give prompts to PPO")
@@ -156,6 +165,7 @@ def load_prompts(data_args: DataArguments, config: PPOConfig, eval_samples: int,
     if eval_raw is not None:
         evaluation, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=True)
         held_out = distinct_prompts(evaluation["prompt"], eval_source)
+        rows = {**rows_by_prompt(evaluation["prompt"], eval_raw), **rows}
     elif eval_samples:
         shuffled = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
         cut = min(eval_samples, len(prompts) // 5)
@@ -165,12 +175,13 @@ def load_prompts(data_args: DataArguments, config: PPOConfig, eval_samples: int,
     # The same number of prompts on every rank (drop at most world - 1): the ranks' step counts must
     # agree, or the one with more steps waits forever in a collective the others never join.
     prompts = prompts[: len(prompts) - len(prompts) % world][rank::world]
-    if len(prompts) < config.batch_size:
+    if len(prompts) < config.prompts_per_step:
         raise UserError(
-            f"{train_source}: {len(prompts)} prompts per process, fewer than --batch_size {config.batch_size}; "
+            f"{train_source}: {len(prompts)} prompts per process, fewer than the {config.prompts_per_step} a step needs "
+            f"(--batch_size {config.batch_size} / --num_generations {config.num_generations}); "
             "lower --batch_size or give more data"
         )
-    return prompts, held_out
+    return prompts, held_out, rows
 
 
 def all_ranks_agree(flag: bool, accelerator) -> bool:
@@ -194,8 +205,9 @@ def batch_for_step(num_prompts: int, batch_size: int, step: int, seed: int) -> l
     return order[index * batch_size : (index + 1) * batch_size]
 
 
-def build_policy(args: ScriptArguments, seed: int, backend, resume_dir: Path | None):
-    """SFT model + LoRA (or full weights) + value head; from the checkpoint when resuming."""
+def build_policy(args: ScriptArguments, config: PPOConfig, backend, resume_dir: Path | None):
+    """SFT model + LoRA (or full weights) + value head (GAE only); from the checkpoint when resuming."""
+    seed = config.seed
     model_path = check_model_path(args.model_name, "--model_name")
     dtype = backend.torch_dtype(bf16=args.bf16)
     base = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
@@ -217,15 +229,39 @@ def build_policy(args: ScriptArguments, seed: int, backend, resume_dir: Path | N
     else:
         ref_model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
         model = load_causal_lm(str(resume_dir), dtype=dtype) if resume_dir is not None else base
-    value_head = ValueHead(model.config.hidden_size)
-    if resume_dir is not None:
+    value_head = ValueHead(model.config.hidden_size) if config.has_critic else None
+    if value_head is not None and resume_dir is not None:
         load_value_head(value_head, str(resume_dir))
     device = torch.device(backend.device)
     model.to(device)
-    value_head.to(device)
+    if value_head is not None:
+        value_head.to(device)
     if ref_model is not None:
         ref_model.to(device)
     return PolicyWithValueHead(model, value_head, ref_model=ref_model)
+
+
+def build_reward(args: ScriptArguments, config: PPOConfig, backend) -> CombinedReward:
+    """The reward model (raw logit, or normalised) and/or the --reward_fn functions, weighted."""
+    functions = [(spec, import_reward_fn(spec)) for spec in args.reward_fn or []]
+    scorer = None
+    if args.reward_model_name:
+        reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
+        check_reward_model_config(reward_path, args.trust_remote_code)
+        reward_tokenizer = load_tokenizer(reward_path, trust_remote_code=args.trust_remote_code)
+        dtype = backend.torch_dtype(bf16=args.bf16)
+        reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=dtype)
+        reward_model.to(torch.device(backend.device)).requires_grad_(False)
+        scorer = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
+                              max_length=args.pad_max_len or config.input_max_length + config.output_max_length,
+                              normalize=args.normalize_reward, pad_to_max_length=config.pad_for_acceleration)
+    return CombinedReward(scorer, functions, args.reward_weights)
+
+
+def reward_source(args: ScriptArguments) -> str:
+    """What the raw score is, in words, for the summary and the last line."""
+    names = (["reward-model"] if args.reward_model_name else []) + [f"--reward_fn {f}" for f in args.reward_fn or []]
+    return names[0] if len(names) == 1 else "weighted reward (" + " + ".join(names) + ")"
 
 
 def check_reward_model_config(reward_path: str, trust_remote_code: bool) -> None:
@@ -237,31 +273,6 @@ def check_reward_model_config(reward_path: str, trust_remote_code: bool) -> None
             f"--reward_model_name {reward_path} is a {'/'.join(architectures) or 'model'} with {config.num_labels} "
             "outputs; a reward model must be a one-output sequence classifier (train it with reward_modeling.py)"
         )
-
-
-def resolve_resume(args: ScriptArguments) -> Path | None:
-    value = args.resume_from_checkpoint
-    if value is None or value.lower() in ("false", "none", ""):
-        return None
-    if value.lower() == "true":
-        found = latest_checkpoint(args.output_dir)
-        if found is None:
-            raise UserError(f"--resume_from_checkpoint: no complete checkpoint in {args.output_dir}; drop the flag")
-        return found
-    path = Path(value)
-    if not (path / TRAINER_STATE).is_file():
-        raise UserError(f"--resume_from_checkpoint {value}: not a PPO checkpoint (no {TRAINER_STATE}); check the path")
-    return path
-
-
-def check_output_dir(args: ScriptArguments, resuming: bool) -> None:
-    folder = Path(args.output_dir)
-    if resuming or args.overwrite_output_dir or not folder.is_dir() or not any(folder.iterdir()):
-        return
-    raise UserError(
-        f"--output_dir {folder} already holds files; pass --overwrite_output_dir to write over them "
-        "or --resume_from_checkpoint to continue that run"
-    )
 
 
 def finished_steps(output_dir: str) -> int | None:
@@ -292,14 +303,14 @@ def check_finite(stats: dict, step: int) -> None:
             )
 
 
-def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], label: str) -> dict:
+def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, label: str) -> dict:
     """Reward-model score, EOS penalty and KL to the reference on held-out prompts, with the responses."""
     if not prompts:
         return {"metrics": {}, "responses": []}
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(trainer.config.seed + 1234)  # same sampling noise before and after training
-    metrics, samples = trainer.evaluate(prompts, prompt_ids)
+    metrics, samples = trainer.evaluate(prompts, prompt_ids, columns=columns)
     torch.set_rng_state(generator_state)
     logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start,
                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -320,17 +331,18 @@ def verdict(change: float | None) -> str:
 
 
 def result_line(steps: int, result: dict) -> str:
-    """The run's last line: the reward model's raw held-out score first, the penalty apart from it."""
-    score, kl, penalty, length = (result[k] for k in ("reward_model_score", "kl_to_reference", "eos_penalty",
+    """The run's last line: the raw held-out reward (the reward model's score) first, the penalty apart from it."""
+    score, kl, penalty, length = (result[k] for k in ("reward_score", "kl_to_reference", "eos_penalty",
                                                        "response_length"))
     if score["change"] is None:
         return f"Done: {steps} steps (no held-out evaluation: --eval_samples 0 or no held-out prompts)."
-    line = (f"Done: {steps} steps. Held-out reward-model score {score['before']:.3f} -> {score['after']:.3f} "
+    line = (f"Done: {steps} steps. Held-out {result['reward_source']} score {score['before']:.3f} -> "
+            f"{score['after']:.3f} "
             f"({result['verdict']}, {score['change']:+.3f}); KL to reference {kl['before']:.3f} -> {kl['after']:.3f}; "
             f"response length {length['before']:.1f} -> {length['after']:.1f} tokens")
     if penalty["before"] or penalty["after"]:
         line += (f"; missing-EOS penalty {penalty['before']:.3f} -> {penalty['after']:.3f} "
-                 "(shapes the training score, not part of the reward-model score)")
+                 "(shapes the training score, not part of the reward score)")
     return line + "."
 
 
@@ -343,36 +355,31 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args.check()
     data_args.check(default_dataset="Intel/orca_dpo_pairs")
-    if not args.model_name or not args.reward_model_name:
-        raise UserError("--model_name and --reward_model_name are required")
+    if not args.model_name or not (args.reward_model_name or args.reward_fn):
+        raise UserError("--model_name and a reward (--reward_model_name and/or --reward_fn module:function) are required")
+    for spec in args.reward_fn or []:
+        import_reward_fn(spec)  # a name that does not import stops here, before any model is loaded
+    backend.check_precision(bf16=args.bf16)
+    if args.bf16 and args.peft == "none":
+        raise UserError("--bf16 with --peft none would make Adam update bfloat16 weights, which lose small updates; "
+                        "use --peft lora (frozen bf16 base, fp32 adapter) or drop --bf16")
     if backend.is_gaudi and not config.pad_for_acceleration:
         config = dataclasses.replace(config, pad_for_acceleration=True)  # HPU graphs need static shapes
-    resume_requested = (args.resume_from_checkpoint or "").lower() not in ("", "false", "none")
-    check_output_dir(args, resume_requested)
+    resuming = resume_requested(args.resume_from_checkpoint)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resuming)
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
 
     tokenizer = load_tokenizer(args.tokenizer_name or check_model_path(args.model_name, "--model_name"),
                                padding_side="left", trust_remote_code=args.trust_remote_code)
-    prompts, held_out = load_prompts(data_args, config, args.eval_samples, tokenizer, dist.world_size, dist.rank)
-    steps_per_epoch = len(prompts) // config.batch_size
+    prompts, held_out, rows = load_prompts(data_args, config, args.eval_samples, tokenizer, dist.world_size, dist.rank)
+    steps_per_epoch = len(prompts) // config.prompts_per_step
     total_steps = min(args.steps, steps_per_epoch * args.num_train_epochs)
-    done = finished_steps(args.output_dir) if resume_requested else None
-    if done is not None and done >= total_steps:
-        logger.info("%s holds a run that already finished at step %d of %d; nothing to do (outputs left as they "
-                    "are). To train further, raise --steps or --num_train_epochs.", args.output_dir, done, total_steps)
-        return
-    resume_dir = resolve_resume(args)
+    if resuming and already_finished(finished_steps(args.output_dir), total_steps):
+        return  # outputs left as they are; raise --steps or --num_train_epochs to train further
+    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir, required=(TRAINER_STATE,))
 
-    reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
-    check_reward_model_config(reward_path, args.trust_remote_code)
-    reward_tokenizer = load_tokenizer(reward_path, trust_remote_code=args.trust_remote_code)
-    reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=backend.torch_dtype(bf16=args.bf16))
-    reward_model.to(torch.device(backend.device)).requires_grad_(False)
-    reward_fn = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
-                             max_length=args.pad_max_len or config.input_max_length + config.output_max_length,
-                             normalize=args.normalize_reward, pad_to_max_length=config.pad_for_acceleration)
-
-    policy = build_policy(args, config.seed, backend, resume_dir)
+    reward_fn = build_reward(args, config, backend)
+    policy = build_policy(args, config, backend, resume_dir)
     backend.wrap_for_generation(policy.model)
     output_dir = Path(args.output_dir)
     accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir))
@@ -397,29 +404,32 @@ def main() -> None:
         accelerator.init_trackers("rl_training", config=run_config, init_kwargs={"wandb": {"dir": str(output_dir)}})
 
     held_out_ids = prompt_token_ids(tokenizer, held_out, config.input_max_length)
+    held_out_columns = columns_of(held_out, rows)
     before_file = output_dir / "eval_before.json"
     if resume_dir is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
-        before = evaluate(trainer, held_out, held_out_ids, "before PPO")
+        before = evaluate(trainer, held_out, held_out_ids, held_out_columns, "before PPO")
         if is_main:
             before_file.write_text(json.dumps(before))
 
     logger.info("PPO: %d steps of %d rollouts x %d processes (%d prompts per process)",
                 total_steps, config.batch_size, dist.world_size, len(prompts))
-    stop = StopRequest()
+    stop = StopOnSignal()
+    stop.install()
     bar = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not is_main, dynamic_ncols=True)
     step = start_step
     try:
         while step < total_steps:
-            indices = batch_for_step(len(prompts), config.batch_size, step, config.seed)
-            batch_prompts = [prompts[i] for i in indices]
+            indices = batch_for_step(len(prompts), config.prompts_per_step, step, config.seed)
+            # Each prompt num_generations times in a row: the groups GRPO and RLOO compare within.
+            batch_prompts = [prompts[i] for i in indices for _ in range(config.num_generations)]
             prompt_ids = prompt_token_ids(tokenizer, batch_prompts, config.input_max_length)
             started = time.perf_counter()
             responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
                                          batch_size=None if args.batched_gen else 1)
             generated = time.perf_counter()
-            scores = trainer.score(batch_prompts, responses)
+            scores = trainer.score(batch_prompts, responses, columns=columns_of(batch_prompts, rows), step=step + 1)
             timings = {"time/generate_s": generated - started, "time/score_s": time.perf_counter() - generated}
             if not all_ranks_agree(bool(torch.isfinite(scores.shaped).all()), accelerator):
                 if not args.skip_nonfinite_rewards:
@@ -450,9 +460,10 @@ def main() -> None:
                                       "plus --resume_from_checkpoint", code)
                 raise Interrupted("stopped by signal", code)
     finally:
+        stop.restore()
         bar.close()  # before any one-line exit message, so it is not glued to the bar
 
-    after = evaluate(trainer, held_out, held_out_ids, "after PPO")
+    after = evaluate(trainer, held_out, held_out_ids, held_out_columns, "after PPO")
     if args.log_with:
         accelerator.end_training()
     if not is_main:
@@ -476,13 +487,14 @@ def main() -> None:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     first, last = before.get("metrics", {}), after["metrics"]
     result = {
-        "reward_model_score": before_after(first, last, "eval/raw_scores"),
+        "reward_score": before_after(first, last, "eval/raw_scores"),
+        "reward_source": reward_source(args),
         "kl_to_reference": before_after(first, last, "eval/kl"),
         "response_length": before_after(first, last, "eval/response_length"),
         "eos_penalty": before_after(first, last, "eval/eos_penalty"),
         "training_score": before_after(first, last, "eval/scores"),
     }
-    result["verdict"] = verdict(result["reward_model_score"]["change"])
+    result["verdict"] = verdict(result["reward_score"]["change"])
     summary = {
         "result": result,
         "held_out_prompts": len(held_out),

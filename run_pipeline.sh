@@ -128,7 +128,8 @@ run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE
     --reward_stats_samples 128 ${RM_ARGS:-}
 
 RL_ALGO_ARGS=()
-if [ "$ALGO" != ppo ]; then RL_ALGO_ARGS=(--advantage_estimator "$ALGO"); fi
+# GRPO / RLOO: NUM_GENERATIONS responses per prompt, compared within the group (PPO_BATCH counts responses).
+if [ "$ALGO" != ppo ]; then RL_ALGO_ARGS=(--advantage_estimator "$ALGO" --num_generations "${NUM_GENERATIONS:-4}"); fi
 run_stage ppo "$OUT/ppo" $LAUNCH rl_training.py --model_name "$SFT_MODEL" --reward_model_name "$OUT/rm" \
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/ppo" --device "$DEVICE" \
     --steps "$PPO_STEPS" --batch_size "$PPO_BATCH" --mini_batch_size "$PPO_MINI" --gradient_accumulation_steps 1 \

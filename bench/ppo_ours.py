@@ -5,8 +5,8 @@
 Policy: ``PolicyWithValueHead(get_peft_model(model, LoRA r16/alpha32))``: value head on the shared
 trunk, reference = adapter disabled. Reward: ``RewardScorer`` on the workload's reward model
 (texts are decoded and re-tokenized, as in ``rl_training.py``). Each step is
-``generate -> decode -> score -> step``; the time split comes from the trainer's own stats
-(``time/generate_s``, ``time/score_s``, ``time/forward_s``, ``time/update_s``).
+``generate -> score -> step``; generation and scoring are timed here and passed to ``step``,
+which adds its own ``time/forward_s`` and ``time/update_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     args, memory, wl = start_ppo_worker(__doc__.splitlines()[0])
 
     import torch
+    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
@@ -49,21 +50,22 @@ def main() -> None:
                           max_length=wl["prompt_tokens"] + 2 * wl["new_tokens"] + 8)
     batch = wl["batch_size"]
     config = PPOConfig(batch_size=batch, mini_batch_size=batch // wl["num_minibatches"], gradient_accumulation_steps=1,
-                       ppo_epochs=wl["ppo_epochs"], learning_rate=wl["learning_rate"], seed=wl["seed"])
-    generation = {"max_new_tokens": wl["new_tokens"], "min_new_tokens": wl["new_tokens"], "do_sample": True,
-                  "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    trainer = PPOTrainer(config, policy, tokenizer, scorer, generation_kwargs=generation)
+                       ppo_epochs=wl["ppo_epochs"], learning_rate=wl["learning_rate"], seed=wl["seed"],
+                       output_max_length=wl["new_tokens"])
+    trainer = PPOTrainer(config, policy, tokenizer, scorer, Accelerator(cpu=True))
     memory.reset()
 
     steps, prompt_lengths, response_lengths = [], [], []
     for step in range(wl["warmup"] + wl["steps"]):
         prompts = [torch.tensor(p) for p in prompt_ids(tokenizer, wl, step)]
         start = time.perf_counter()
-        responses = trainer.generate(prompts)
+        # Fixed-length responses (min_new_tokens), as the other frameworks' workers generate them.
+        responses = trainer.generate(prompts, min_new_tokens=wl["new_tokens"])
+        generated = time.perf_counter()
         texts_p = tokenizer.batch_decode([p.tolist() for p in prompts], skip_special_tokens=True)
-        texts_r = tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-        scores = trainer.score(texts_p, texts_r, trainer.ended_with_eos(responses))
-        stats = trainer.step(prompts, responses, scores)
+        scores = trainer.score(texts_p, responses)
+        timings = {"time/generate_s": generated - start, "time/score_s": time.perf_counter() - generated}
+        stats = trainer.step(prompts, responses, scores, timings)
         wall = time.perf_counter() - start
         parts = {k: stats[f"time/{k}_s"] for k in ("generate", "score", "forward", "update")}
         steps.append(step_row("ours", step, wall, parts))

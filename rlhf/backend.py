@@ -243,18 +243,6 @@ class Backend:
         """HPU graphs replay captured lazy-mode graphs: only on HPU in lazy mode."""
         return self.is_gaudi and self.use_lazy_mode
 
-    def wrap_for_inference(self, model):
-        """Run ``model`` (used for inference only, e.g. the PPO reward model) through HPU graphs.
-
-        ``habana_frameworks.torch.hpu.wrap_in_hpu_graph`` on HPU in lazy mode; returns ``model``
-        unchanged elsewhere. Feed it static shapes, or every new shape captures a new graph.
-        """
-        if not self.uses_hpu_graphs:
-            return model
-        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
-
-        return wrap_in_hpu_graph(model)
-
     def wrap_for_generation(self, model):
         """Make ``model.generate`` run its forward passes through HPU graphs; returns ``model``.
 

@@ -56,10 +56,3 @@ def load_fast_tokenizer_file(path: str, **kwargs):
         template_file.read_text() if template_file.is_file() else None
     )
     return tokenizer
-
-
-def activation_checkpointing_flag(training_args) -> bool:
-    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
-    return bool(
-        getattr(training_args, "activation_checkpointing", None) or getattr(training_args, "gradient_checkpointing", None)
-    )

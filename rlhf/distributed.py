@@ -243,22 +243,3 @@ def _process_group():
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist
     return None
-
-
-def get_rank() -> int:
-    dist = _process_group()
-    return dist.get_rank() if dist is not None else dist_info_from_env()[0].rank
-
-
-def get_local_rank() -> int:
-    return dist_info_from_env()[0].local_rank
-
-
-def get_world_size() -> int:
-    dist = _process_group()
-    return dist.get_world_size() if dist is not None else dist_info_from_env()[0].world_size
-
-
-def is_main_process() -> bool:
-    """True on global rank 0 (and in a single-process run): the process that logs and saves."""
-    return get_rank() == 0

@@ -137,10 +137,6 @@ def check_model_path(name: str | None, flag: str) -> str:
     return name
 
 
-def hub_kwargs(args: ModelArguments) -> dict:
-    return {"cache_dir": args.cache_dir, "revision": args.model_revision, "trust_remote_code": args.trust_remote_code}
-
-
 def load_config(name: str, flag: str, **kwargs):
     from transformers import AutoConfig
 

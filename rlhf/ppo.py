@@ -13,9 +13,11 @@ Pieces (each a short function, unit-tested):
     logprobs_from_logits / entropy_from_logits      token log-probs and entropy from logits
     truncate_after_eos                              cut sampled responses after the first EOS
     compute_rewards                                 per-token KL penalty + score on the last token
-    compute_gae                                     generalised advantage estimation
+    compute_gae                                     generalised advantage estimation (PPO)
+    group_advantages                                GRPO / RLOO baselines from k responses per prompt
+    k3_kl                                           KL estimate for the KL-in-the-loss variant
     AdaptiveKLController / FixedKLController        the KL coefficient beta
-    ppo_losses                                      clipped policy and value losses
+    clipped_policy_loss / clipped_value_loss        PPO's clipped surrogate and value losses
     ValueHead / PolicyWithValueHead                 one forward gives logits and values; the
                                                     reference is the same model, adapter disabled
     PPOConfig                                       every PPO setting, once (it is the CLI)
@@ -189,6 +191,33 @@ def compute_gae(
     return advantages.detach(), returns.detach()
 
 
+def group_advantages(returns: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-4) -> torch.Tensor:
+    """Critic-free advantage of each response, from the returns of the ``group_size`` responses to
+    the same prompt (consecutive rows).
+
+    ``grpo``: ``(R - mean(group)) / (std(group) + eps)`` (Shao et al. 2024; std with Bessel's
+    correction, as TRL's GRPOTrainer). ``rloo``: ``R - mean(other k - 1 responses)`` (Ahmadian et
+    al. 2024). A group whose returns are all equal carries no signal: advantage 0 for both.
+    """
+    if group_size < 2 or returns.numel() % group_size:
+        raise ValueError(f"{returns.numel()} returns do not form groups of {group_size} >= 2")
+    groups = returns.float().reshape(-1, group_size)
+    if estimator == "grpo":
+        advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        advantages = groups - (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown critic-free estimator {estimator!r}")
+    return advantages.reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3:
+    unbiased, never negative), as GRPO puts it in the loss."""
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
 # --------------------------------------------------------------------------------------------
 # KL controllers
 # --------------------------------------------------------------------------------------------
@@ -240,51 +269,44 @@ class FixedKLController:
 # --------------------------------------------------------------------------------------------
 
 
-def ppo_losses(
-    new_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     cliprange: float = 0.2,
-    cliprange_value: float = 0.2,
-    vf_coef: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss + ``vf_coef`` x clipped value loss, averaged over masked tokens.
-
-    ``values`` are the current value predictions, ``old_values`` those of the rollout. Returns
-    ``(loss, stats)``; stats are detached scalars: ``loss/policy``, ``loss/value``, ``loss/total``,
-    ``policy/approxkl`` (0.5 * mean (log ratio)^2), ``policy/clipfrac``, ``policy/ratio_mean``,
-    ``value/clipfrac``, ``value/error`` (mean squared error of the values against the returns).
-    """
+    """PPO's clipped surrogate, averaged over masked tokens; ``(loss, stats)`` with ``policy/approxkl``
+    (0.5 * mean (log ratio)^2), ``policy/clipfrac`` and ``policy/ratio_mean``."""
     mask = mask.float()
-    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
-    vf_losses1 = (values - returns) ** 2
-    vf_losses2 = (values_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
-
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mask)
-    pg_clipfrac = masked_mean((pg_losses2 > pg_losses1).float(), mask)
-
-    loss = pg_loss + vf_coef * vf_loss
     stats = {
         "loss/policy": pg_loss.detach(),
-        "loss/value": vf_loss.detach(),
-        "loss/total": loss.detach(),
-        "policy/approxkl": (0.5 * masked_mean(log_ratio.detach() ** 2, mask)),
-        "policy/clipfrac": pg_clipfrac.detach(),
+        "policy/approxkl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
+        "policy/clipfrac": masked_mean((pg_losses2 > pg_losses1).float(), mask).detach(),
         "policy/ratio_mean": masked_mean(ratio.detach(), mask),
-        "value/clipfrac": vf_clipfrac.detach(),
+    }
+    return pg_loss, stats
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2)`` averaged over masked tokens; ``(loss, stats)``
+    with ``loss/value``, ``value/clipfrac`` and ``value/error`` (mean squared error against the returns)."""
+    mask = mask.float()
+    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    stats = {
+        "loss/value": vf_loss.detach(),
+        "value/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask).detach(),
         "value/error": masked_mean((values.detach() - returns) ** 2, mask),
     }
-    return loss, stats
+    return vf_loss, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,12 +371,7 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, model: nn.Module, value_head: Optional[ValueHead] = None, ref_model: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
-        if value_head is None:
-            config = model.config
-            hidden = getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
-            value_head = ValueHead(hidden)
-            value_head.to(next(model.parameters()).device)
-        self.value_head = value_head
+        self.value_head = value_head  # None: no critic (GRPO, RLOO)
         self.ref_model = ref_model
 
     @property
@@ -386,16 +403,17 @@ class PolicyWithValueHead(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            output_hidden_states=True,
+            output_hidden_states=self.value_head is not None,
             use_cache=False,
             return_dict=True,
             **_keep_kwargs(self.model, logits_to_keep),
         )
+        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        if self.value_head is None:
+            return logits, None
         hidden = out.hidden_states[-1]
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-            return out.logits[:, -logits_to_keep:], self.value_head(hidden)
-        return out.logits, self.value_head(hidden)
+        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return logits, self.value_head(hidden)
 
     @torch.no_grad()
     def reference_logits(
@@ -418,10 +436,11 @@ class PolicyWithValueHead(nn.Module):
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def save_pretrained(self, output_dir: str, **kwargs) -> None:
-        """Save the model (only the adapter for a ``PeftModel``) and ``value_head.safetensors``."""
+        """Save the model (only the adapter for a ``PeftModel``) and, with a critic, ``value_head.safetensors``."""
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir, **kwargs)
-        save_value_head(self.value_head, output_dir)
+        if self.value_head is not None:
+            save_value_head(self.value_head, output_dir)
 
 
 def save_value_head(value_head: ValueHead, output_dir: str) -> str:
@@ -448,6 +467,9 @@ def load_value_head(value_head: ValueHead, path: str) -> ValueHead:
 # Config: every PPO setting, declared once. rl_training.py parses this dataclass itself from the
 # command line (TRL's convention: the config is the CLI), so the help text here is the --help.
 # --------------------------------------------------------------------------------------------
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 def _flag(default, text: str):
@@ -477,8 +499,16 @@ class PPOConfig:
     adafactor: bool = _flag(False, "Use Adafactor instead of Adam.")
     max_grad_norm: float | None = _flag(1.0, "Clip the gradient norm to this (unset: no clipping).")
     seed: int = _flag(0, "Random seed (sampling, shuffling, LoRA and value-head initialisation).")
-    # KL penalty
-    init_kl_coef: float = _flag(0.2, "Initial coefficient of the per-token KL penalty.")
+    # estimator
+    advantage_estimator: str = field(default="gae", metadata={
+        "help": "gae: PPO with a value head; grpo / rloo: critic-free, from --num_generations responses per prompt.",
+        "choices": ADVANTAGE_ESTIMATORS})
+    num_generations: int = _flag(1, "Responses sampled per prompt (>= 2 for grpo and rloo); --batch_size counts responses.")
+    # KL to the reference
+    init_kl_coef: float = field(default=0.2, metadata={
+        "help": "(Initial) KL coefficient beta: per-token reward penalty, or the loss weight with --use_kl_loss.",
+        "aliases": ["--kl_coef"]})
+    use_kl_loss: bool = _flag(False, "KL to the reference as a k3 loss term (GRPO's way), not a reward penalty.")
     adap_kl_ctrl: bool = _flag(True, "Adapt the KL coefficient toward --target (else keep it fixed).")
     target: float = _flag(6.0, "Target KL (nats per response) of the adaptive controller.")
     horizon: float = _flag(10000.0, "Horizon (in rollouts) of the adaptive controller.")
@@ -549,6 +579,14 @@ class PPOConfig:
             f"--output_min_length {self.output_min_length} must be >= 1 and below --output_max_length "
             f"{self.output_max_length}",
         )
+        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+             f"--advantage_estimator {self.advantage_estimator} is unknown; use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        need(isinstance(self.num_generations, int) and self.num_generations >= (1 if self.has_critic else 2),
+             f"--num_generations {self.num_generations}: {self.advantage_estimator} needs at least "
+             f"{1 if self.has_critic else 2} responses per prompt; use e.g. --num_generations 4")
+        need(self.batch_size % self.num_generations == 0,
+             f"--batch_size {self.batch_size} is not a multiple of --num_generations {self.num_generations} "
+             "(it counts responses: prompts x generations)")
         need(
             self.top_k == 0 and self.top_p == 1.0,
             f"--top_k {self.top_k} --top_p {self.top_p}: truncated sampling makes PPO off-policy (its log-probs "
@@ -562,6 +600,15 @@ class PPOConfig:
     @property
     def backward_batch_size(self) -> int:
         return self.mini_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def has_critic(self) -> bool:
+        """GAE needs a value head; GRPO and RLOO take their baseline from the other responses to the prompt."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.num_generations
 
     def generation_kwargs(self) -> dict:
         """``generate`` settings for sampling from ``softmax(logits / temperature)``, nothing truncated."""
@@ -743,13 +790,14 @@ class PPOTrainer:
     def decode_responses(self, responses: Sequence[torch.Tensor]) -> list[str]:
         return self.tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
 
-    def score(self, prompts: list[str], responses: Sequence[torch.Tensor]) -> Scores:
-        """Score decoded ``responses`` (from ``generate``) to their ``prompts`` (texts) with ``reward_fn``.
+    def score(self, prompts: list[str], responses: Sequence[torch.Tensor], **reward_kwargs) -> Scores:
+        """Score decoded ``responses`` (from ``generate``) to their ``prompts`` (texts) with ``reward_fn``
+        (``reward_kwargs`` passed on, e.g. ``rlhf.reward_functions.CombinedReward``'s ``columns``).
 
         ``shaped = raw - reward_baseline``, minus ``missing_eos_penalty`` for responses without EOS,
         clipped to ``score_clip``."""
         texts = self.decode_responses(responses)
-        raw = self.reward_fn(list(prompts), texts)
+        raw = self.reward_fn(list(prompts), texts, **reward_kwargs)
         raw = torch.as_tensor(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
         raw = raw.reshape(-1)
         if raw.numel() != len(texts):
@@ -801,7 +849,8 @@ class PPOTrainer:
         # Logits only for the R + 1 positions that predict response tokens: no LM-head work for prompts.
         logits, values = self.model(batch["input_ids"][rows], batch["attention_mask"][rows],
                                     batch["position_ids"][rows], logits_to_keep=r + 1)
-        return self._sampling_logits(logits, r), self._response_slice(values, r).float()
+        values = self._response_slice(values, r).float() if values is not None else None
+        return self._sampling_logits(logits, r), values
 
     @torch.no_grad()
     def _rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -817,14 +866,15 @@ class PPOTrainer:
                 logits, values = self._policy_pass(batch, rows)
                 parts["logprobs"].append(logprobs_from_logits(logits, labels))
                 parts["entropy"].append(entropy_from_logits(logits))
-                parts["values"].append(values)
+                if values is not None:
+                    parts["values"].append(values)
                 ref_logits = self.policy.reference_logits(batch["input_ids"][rows], batch["attention_mask"][rows],
                                                           batch["position_ids"][rows], logits_to_keep=r + 1)
                 parts["ref_logprobs"].append(logprobs_from_logits(self._sampling_logits(ref_logits, r), labels))
         finally:
             self.policy.train(was_training)
             self.mark_step()
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return {k: torch.cat(v) for k, v in parts.items() if v}  # no "values" without a critic
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         """Mean of each value over processes (no-op for one process)."""
@@ -887,14 +937,20 @@ class PPOTrainer:
         mask = batch["response_mask"].float()
         forward_s = time.perf_counter() - start
 
-        # 2. Rewards and advantages, float32.
+        # 2. Rewards and advantages, float32. The KL to the reference is a per-token reward penalty,
+        # or (use_kl_loss) a loss term below instead.
         kl_coef = self.kl_ctl.value
         rewards, non_score_reward, kl = compute_rewards(
-            shaped, rollout["logprobs"], rollout["ref_logprobs"], mask, kl_coef
+            shaped, rollout["logprobs"], rollout["ref_logprobs"], mask, 0.0 if cfg.use_kl_loss else kl_coef
         )
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rollout["values"], rewards, mask, cfg.gamma, cfg.lam)
+        returns = None
+        if cfg.has_critic:
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = compute_gae(rollout["values"], rewards, mask, cfg.gamma, cfg.lam)
+        else:  # one advantage per response, from its group's returns, on every one of its tokens
+            advantages = group_advantages(rewards.sum(1), cfg.num_generations, cfg.advantage_estimator)
+            advantages = advantages.unsqueeze(1) * mask
 
         # 3. PPO epochs over shuffled minibatches with gradient accumulation. Eval mode, as the
         # rollout forward: the same dropout-free computation gives old and new log-probs.
@@ -912,10 +968,18 @@ class PPOTrainer:
                     idx = order[m : m + cfg.mini_batch_size]
                     logits, values = self._policy_pass(batch, idx)
                     new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
-                    loss, stats = ppo_losses(
-                        new_logprobs, rollout["logprobs"][idx], advantages[idx], values, rollout["values"][idx],
-                        returns[idx], mask[idx], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef,
-                    )
+                    loss, stats = clipped_policy_loss(new_logprobs, rollout["logprobs"][idx], advantages[idx],
+                                                      mask[idx], cfg.cliprange)
+                    if cfg.has_critic:
+                        value_loss, value_stats = clipped_value_loss(values, rollout["values"][idx], returns[idx],
+                                                                     mask[idx], cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * value_loss
+                        stats.update(value_stats)
+                    if cfg.use_kl_loss:
+                        kl_loss = masked_mean(k3_kl(new_logprobs, rollout["ref_logprobs"][idx]), mask[idx])
+                        loss = loss + kl_coef * kl_loss
+                        stats["loss/kl"] = kl_loss.detach()
+                    stats["loss/total"] = loss.detach()
                     stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx])
                     stats = dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
                     decide = self._reduce({k: stats[k] for k in ("policy/approxkl", "policy/ratio_mean")})
@@ -953,8 +1017,6 @@ class PPOTrainer:
             "objective/token_entropy": masked_mean(rollout["entropy"], mask).item(),
             "objective/non_score_reward": non_score_per_seq.mean().item(),
             "objective/rlhf_reward": (shaped + non_score_per_seq).mean().item(),
-            "value/mean": masked_mean(rollout["values"], mask).item(),
-            "returns/mean": masked_mean(returns, mask).item(),
             "response/length": lengths.mean().item(),
             "response/ended_with_eos": self.ended_with_eos(responses).float().mean().item(),
             "ppo/early_stopped": float(early_stopped),
@@ -965,6 +1027,12 @@ class PPOTrainer:
             "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
             "ppo/first_minibatch_approxkl": mb_stats[0]["policy/approxkl"],
         }
+        if cfg.has_critic:
+            stats["value/mean"] = masked_mean(rollout["values"], mask).item()
+            stats["returns/mean"] = masked_mean(returns, mask).item()
+        else:
+            stats["advantages/zero_groups"] = float((advantages.abs().sum(1).reshape(-1, cfg.num_generations)
+                                                     .sum(1) == 0).float().mean())
         for key in mb_stats[0]:
             stats[key] = float(np.mean([s[key] for s in mb_stats]))
         stats = self._reduce(stats)
@@ -984,13 +1052,15 @@ class PPOTrainer:
     # ---------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self, prompt_texts: list[str], prompt_ids: list[torch.Tensor], batch_size: Optional[int] = None):
+    def evaluate(self, prompt_texts: list[str], prompt_ids: list[torch.Tensor], batch_size: Optional[int] = None,
+                 columns: Optional[dict[str, list]] = None):
         """Held-out metrics and samples, no update. Samples with the current settings (global RNG).
 
         Returns ``(metrics, samples)``. Metrics, the reward model's raw score first: ``eval/raw_scores``,
         ``eval/eos_penalty``, ``eval/scores`` (what PPO optimises), ``eval/kl`` (mean per-response KL
         to the reference), ``eval/response_length``. Samples: this process's ``{"prompt",
-        "response", "raw_score", "score", "kl"}`` dicts.
+        "response", "raw_score", "score", "kl"}`` dicts. ``columns``: the prompts' other dataset columns,
+        passed to the reward function as ``columns=`` (sliced per batch).
         """
         size = batch_size or self.config.batch_size
         totals = dict.fromkeys(("eval/raw_scores", "eval/eos_penalty", "eval/scores", "eval/kl",
@@ -1000,7 +1070,8 @@ class PPOTrainer:
             chunk = [p.to(self.device) for p in prompt_ids[i : i + size]]
             texts = prompt_texts[i : i + size]
             responses = self.generate(chunk)
-            scores = self.score(texts, responses)
+            extra = {"columns": {k: v[i : i + size] for k, v in columns.items()}} if columns else {}
+            scores = self.score(texts, responses, **extra)
             batch = self._build_batch(chunk, responses)
             rollout = self._rollout_forward(batch)
             mask = batch["response_mask"].float()

@@ -46,9 +46,7 @@ def test_open_mpi_is_mapped(env):
     assert setup_distributed_env() == DistInfo(rank=3, local_rank=3, world_size=8)
     assert exported() == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    assert distributed.get_world_size() == 8
-    assert distributed.get_local_rank() == 3
-    assert not distributed.is_main_process()
+    assert not setup_distributed_env().is_main_process
 
 
 def test_mpich_intel_mpi_is_mapped_and_master_kept(env):
@@ -57,7 +55,6 @@ def test_mpich_intel_mpi_is_mapped_and_master_kept(env):
     assert info == DistInfo(rank=0, local_rank=0, world_size=2) and info.is_main_process and info.is_distributed
     assert exported() == {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                           "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "1234"}
-    assert distributed.is_main_process()
 
 
 def test_pmi_without_local_rank_assumes_one_node(env):
@@ -76,7 +73,7 @@ def test_torchrun_variables_win_and_are_not_touched(env):
 def test_no_launcher_is_one_process_and_exports_nothing(env):
     assert setup_distributed_env() == DistInfo(rank=0, local_rank=0, world_size=1)
     assert exported() == {}
-    assert distributed.get_world_size() == 1 and distributed.is_main_process()
+    assert setup_distributed_env().is_main_process
 
 
 def test_multi_node_mpi_without_master_addr_is_refused(env):

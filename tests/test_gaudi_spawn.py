@@ -272,14 +272,14 @@ WORKER = """
 import json, sys
 import torch
 import torch.distributed as dist
-from rlhf.distributed import setup_distributed_env, get_world_size, is_main_process
+from rlhf.distributed import setup_distributed_env
 
 info = setup_distributed_env()
 dist.init_process_group("gloo")
 value = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(value)
 record = {"rank": info.rank, "local_rank": info.local_rank, "world_size": info.world_size,
-          "pg_world_size": get_world_size(), "main": is_main_process(), "sum": value.item()}
+          "pg_world_size": dist.get_world_size(), "main": info.is_main_process, "sum": value.item()}
 with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
     json.dump(record, f)
 dist.barrier()

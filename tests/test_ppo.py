@@ -15,15 +15,18 @@ from rlhf.ppo import (
     PPOConfig,
     PPOTrainer,
     ValueHead,
+    clipped_policy_loss,
+    clipped_value_loss,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
+    group_advantages,
+    k3_kl,
     load_value_head,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
-    ppo_losses,
     truncate_after_eos,
 )
 
@@ -128,6 +131,21 @@ def test_kl_controllers():
     assert fixed.value == 0.1
 
 
+def test_group_advantages_by_hand():
+    returns = torch.tensor([1.0, 2.0, 3.0, 3.0, 3.0, 3.0])  # two prompts x 3 responses; the second group ties
+    grpo = group_advantages(returns, 3, "grpo")
+    assert_close(grpo, [-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4), 0.0, 0.0, 0.0])  # std of [1, 2, 3] is 1
+    rloo = group_advantages(returns, 3, "rloo")
+    assert_close(rloo, [1 - 2.5, 2 - 2.0, 3 - 1.5, 0.0, 0.0, 0.0])  # minus the mean of the other two
+    with pytest.raises(ValueError):
+        group_advantages(returns, 4, "grpo")
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)])
+    assert_close(k3_kl(logp, ref), [0.5 + math.log(2) - 1, 0.0])
+
+
 def test_ppo_losses_with_active_clipping():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     new = torch.tensor([[math.log(1.5), math.log(0.5), 5.0]])  # ratios 1.5, 0.5, garbage (masked)
@@ -136,7 +154,10 @@ def test_ppo_losses_with_active_clipping():
     vpred = torch.tensor([[1.0, 0.0, 50.0]])
     old_values = torch.tensor([[0.5, 0.5, 0.0]])
     returns = torch.tensor([[2.0, 0.0, 0.0]])
-    loss, stats = ppo_losses(new, old, adv, vpred, old_values, returns, mask, 0.2, 0.2, vf_coef=0.1)
+    pg_loss, stats = clipped_policy_loss(new, old, adv, mask, 0.2)
+    vf_loss, value_stats = clipped_value_loss(vpred, old_values, returns, mask, 0.2)
+    stats.update(value_stats)
+    loss = pg_loss + 0.1 * vf_loss
     # policy: -A*r = [-1.5, -0.5]; -A*clip(r) = [-1.2, -0.8]; max = [-1.2, -0.5] -> mean -0.85
     assert stats["loss/policy"].item() == pytest.approx(-0.85)
     assert stats["policy/clipfrac"].item() == pytest.approx(0.5)
@@ -164,6 +185,11 @@ def test_ppo_losses_with_active_clipping():
         (dict(top_p=0.9), "--top_p 0.9"),
         (dict(temperature=0.0), "--temperature"),
         (dict(output_max_length=8, output_min_length=8), "--output_min_length"),
+        (dict(advantage_estimator="grpo"), "--num_generations 1: grpo needs at least 2"),
+        (dict(advantage_estimator="rloo", num_generations=1), "--num_generations 1: rloo"),
+        (dict(advantage_estimator="grpo", num_generations=3, batch_size=8, mini_batch_size=4,
+              gradient_accumulation_steps=1), "--num_generations 3"),
+        (dict(advantage_estimator="dpo"), "--advantage_estimator dpo"),
     ],
 )
 def test_invalid_config_raises_user_error(kwargs, fragment):
@@ -206,17 +232,17 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(True)
 
 
-def make_policy(tiny_dir, lora=True, seed=0, lora_dropout=0.05):
+def make_policy(tiny_dir, lora=True, seed=0, lora_dropout=0.05, critic=True, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
     if lora:
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=LORA_TARGETS,
                             task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-    return PolicyWithValueHead(model)
+    return PolicyWithValueHead(model, ValueHead(model.config.hidden_size) if critic else None)
 
 
 def even_token_fraction(tokenizer):
@@ -248,13 +274,13 @@ def prompt_ids(tokenizer, texts):
 
 
 def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, lora_dropout=0.05, ref_model=None, mark_step=None,
-                 **cfg):
+                 dtype=torch.float32, **cfg):
     from accelerate import Accelerator
 
-    policy = make_policy(tiny_dir, lora=lora, lora_dropout=lora_dropout)
-    policy.ref_model = ref_model
     config = PPOConfig(**{"batch_size": 8, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
                           "learning_rate": 5e-3, "seed": 0, "output_max_length": GEN_TOKENS, **cfg})
+    policy = make_policy(tiny_dir, lora=lora, lora_dropout=lora_dropout, critic=config.has_critic, dtype=dtype)
+    policy.ref_model = ref_model
     return PPOTrainer(config, policy, tokenizer, reward or even_token_fraction(tokenizer), Accelerator(cpu=True),
                       mark_step=mark_step)
 
@@ -264,6 +290,21 @@ def rollout_step(trainer, texts):
     ids = prompt_ids(trainer.tokenizer, texts)
     responses = trainer.generate(ids)
     return trainer.step(ids, responses, trainer.score(texts, responses))
+
+
+def learn_even_tokens(trainer, prompts, steps=20):
+    """The learning tests' loop: reward = fraction of response tokens with an even id (half the
+    vocabulary), computed on the ids so the signal is exact. Returns each step's stats."""
+    history = []
+    for _ in range(steps):
+        responses = trainer.generate(prompts)
+        history.append(trainer.step(prompts, responses, [float((r % 2 == 0).float().mean()) for r in responses]))
+    return history
+
+
+def improvement(history) -> tuple[float, float]:
+    """Mean score over the first 3 and the last 5 steps."""
+    return (sum(h["objective/scores"] for h in history[:3]) / 3, sum(h["objective/scores"] for h in history[-5:]) / 5)
 
 
 def lora_and_head(policy):
@@ -328,25 +369,22 @@ def test_ppo_learns_a_rule_reward_and_keeps_base_weights(tiny_dir, tokenizer):
     trained_before = lora_and_head(policy)
     assert all("lora_" in k or k.startswith("value_head.") for k in trained_before)
     prompts = prompt_ids(tokenizer, chat_prompts(tokenizer, 16))
-    history = []
-    for _ in range(20):
-        responses = trainer.generate(prompts)
-        scores = [float((r % 2 == 0).float().mean()) for r in responses]
-        history.append(trainer.step(prompts, responses, scores, timings={"time/generate_s": 0.5}))
+    responses = trainer.generate(prompts)
+    timed = trainer.step(prompts, responses, [0.0] * 16, timings={"time/generate_s": 0.5})
+    assert timed["time/generate_s"] == 0.5 and timed["time/step_s"] > 0.5  # the caller's timings added
+    history = learn_even_tokens(trainer, prompts)
 
     for key in ("objective/raw_scores", "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy",
                 "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "response/length",
                 "time/forward_s", "time/update_s", "time/step_s", "ppo/early_stopped", "ppo/skipped_minibatches"):
         assert all(math.isfinite(h[key]) for h in history), key
-    assert history[0]["time/generate_s"] == 0.5 and history[0]["time/step_s"] > 0.5  # the caller's timings added
-    assert abs(history[0]["objective/kl"]) < 1e-6  # reference = adapter disabled, LoRA B = 0
     assert history[-1]["objective/kl"] > 0.1
     # Measured with the seed-0 tiny model: about 0.70 over the first 3 steps, 1.00 over the last 5.
-    first = sum(h["objective/scores"] for h in history[:3]) / 3
-    last = sum(h["objective/scores"] for h in history[-5:]) / 5
+    first, last = improvement(history)
     assert last > first + 0.15, (first, last)
-    assert trainer.current_step == 20
-    assert history[0]["objective/kl_coef"] == 0.02 and history[-1]["objective/kl_coef"] != 0.02  # adaptive
+    assert trainer.current_step == 21
+    assert timed["objective/kl_coef"] == 0.02 and history[-1]["objective/kl_coef"] != 0.02  # adaptive
+    assert timed["objective/kl"] == 0.0  # reference = adapter disabled, LoRA B = 0
 
     for k, v in policy.named_parameters():
         if not v.requires_grad:
@@ -501,3 +539,42 @@ def test_evaluate_reports_raw_score_penalty_and_kl_without_training(tiny_dir, to
     assert len(samples) == 6 and all(s["raw_score"] == 1.0 for s in samples)
     assert trainer.current_step == 0
     assert all(torch.equal(v, before[k]) for k, v in lora_and_head(trainer.policy).items())
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_learn_a_rule_reward_without_a_value_head(tiny_dir, tokenizer, estimator, tmp_path):
+    # 4 prompts x 4 responses per step; the same rule as the PPO learning test.
+    trainer = make_trainer(tiny_dir, tokenizer, advantage_estimator=estimator, num_generations=4, batch_size=16,
+                           learning_rate=2e-2, init_kl_coef=0.02)
+    assert trainer.policy.value_head is None
+    prompts = [p for p in prompt_ids(tokenizer, chat_prompts(tokenizer, 4)) for _ in range(4)]
+    history = learn_even_tokens(trainer, prompts)
+    assert "loss/value" not in history[0] and "value/mean" not in history[0]
+    first, last = improvement(history)
+    assert last > first + 0.15, (first, last)
+    trainer.policy.save_pretrained(str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not (tmp_path / "value_head.safetensors").exists()
+
+
+def test_kl_as_a_loss_term_leaves_the_rewards_unpenalised(tiny_dir, tokenizer):
+    trainer = make_trainer(tiny_dir, tokenizer, advantage_estimator="grpo", num_generations=4, use_kl_loss=True,
+                           init_kl_coef=0.5, learning_rate=5e-2)
+    texts = [t for t in chat_prompts(tokenizer, 2) for _ in range(4)]
+    history = [rollout_step(trainer, texts) for _ in range(2)]
+    assert history[1]["objective/kl"] != 0.0  # the adapter moved: the policy left the reference
+    assert history[1]["objective/non_score_reward"] == 0.0  # ... but the KL is not in the rewards
+    assert history[1]["loss/kl"] > 0.0 and all(math.isfinite(h["loss/total"]) for h in history)
+
+
+def test_bf16_policy_starts_at_kl_zero_keeps_ratio_one_and_learns(tiny_dir, tokenizer):
+    # bf16 frozen weights, fp32 LoRA adapter and value head (what rl_training.py --bf16 builds).
+    trainer = make_trainer(tiny_dir, tokenizer, dtype=torch.bfloat16, batch_size=16, learning_rate=2e-2,
+                           init_kl_coef=0.02, lora_dropout=0.1)
+    assert next(trainer.policy.model.get_base_model().parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters() if p.requires_grad)
+    history = learn_even_tokens(trainer, prompt_ids(tokenizer, chat_prompts(tokenizer, 16)))
+    assert history[0]["objective/kl"] == 0.0  # LoRA B = 0: adapter on and off give the same bf16 logits
+    assert all(h["ppo/first_minibatch_approxkl"] == 0.0 for h in history)  # old and new log-probs: one computation
+    assert all(math.isfinite(h["loss/value"]) for h in history)
+    first, last = improvement(history)
+    assert last > first + 0.15, (first, last)

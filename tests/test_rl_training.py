@@ -45,7 +45,7 @@ def test_repeated_prompts_are_used_once_and_never_both_trained_and_held_out(toke
     # Several preference pairs per prompt, as in data/demo/train.jsonl.
     questions = [f"Question {i}?" for i in range(12) for _ in range(3)]
     data = DataArguments(train_file=write_pairs(tmp_path / "train.jsonl", questions))
-    prompts, held_out = rl_training.load_prompts(data, small_config(), 2, tokenizer, world=1, rank=0)
+    prompts, held_out, _ = rl_training.load_prompts(data, small_config(), 2, tokenizer, world=1, rank=0)
     assert len(set(prompts)) == len(prompts) == 10
     assert len(set(held_out)) == len(held_out) == 2
     assert not set(prompts) & set(held_out)
@@ -56,7 +56,7 @@ def test_repeated_held_out_prompts_are_evaluated_once(tokenizer, tmp_path):
         train_file=write_pairs(tmp_path / "train.jsonl", [f"Train {i}?" for i in range(4)]),
         validation_file=write_pairs(tmp_path / "test.jsonl", ["Held out?", "Held out?", "Other?"]),
     )
-    prompts, held_out = rl_training.load_prompts(data, small_config(), 8, tokenizer, world=1, rank=0)
+    prompts, held_out, _ = rl_training.load_prompts(data, small_config(), 8, tokenizer, world=1, rank=0)
     assert len(prompts) == 4
     assert len(held_out) == 2 and held_out[0] != held_out[1]
 
@@ -194,8 +194,9 @@ def test_summary_leads_with_the_reward_models_raw_score(ppo_run):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary)[0] == "result"
     result_block = summary["result"]
-    assert list(result_block)[0] == "reward_model_score"
-    score = result_block["reward_model_score"]
+    assert list(result_block)[:2] == ["reward_score", "reward_source"]
+    assert result_block["reward_source"] == "reward-model"
+    score = result_block["reward_score"]
     assert score["before"] == pytest.approx(summary["eval_before"]["eval/raw_scores"])
     assert score["change"] == pytest.approx(score["after"] - score["before"])
     assert result_block["verdict"] == ("improved" if score["change"] > 0 else "WORSE" if score["change"] < 0
@@ -238,3 +239,41 @@ def test_log_with_a_missing_package_is_refused(tiny_model_dir, tmp_path, monkeyp
 
     with pytest.raises(UserError, match="--log_with wandb: the wandb package is not installed"):
         args.check()
+
+
+def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(DEMO_TRAIN.read_text().splitlines(keepends=True)[:40]))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "rl_training.py", "--model_name", tiny_model_dir, "--reward_fn", "rlhf.demo_rule:rule_reward",
+         "--advantage_estimator", "grpo", "--num_generations", "2", "--train_file", str(data), "--device", "cpu",
+         "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "1", "--ppo_epochs", "1",
+         "--output_max_length", "8", "--steps", "2", "--eval_samples", "2", "--batched_gen", "True",
+         "--use_kl_loss", "--kl_coef", "0.05", "--output_dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["result"]["reward_source"] == "--reward_fn rlhf.demo_rule:rule_reward"
+    assert 0.0 <= summary["result"]["reward_score"]["after"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "loss/value" not in rows[0] and "loss/kl" in rows[0]
+    assert rows[0]["objective/kl_coef"] == 0.05
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "value_head.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--advantage_estimator", "grpo", "--num_generations", "1"], "--num_generations 1: grpo needs at least 2"),
+    (["--reward_fn", "rlhf_nosuch_rules:score"], "--reward_fn rlhf_nosuch_rules:score: importing"),
+    (["--top_k", "50"], "--top_k 50"),
+])
+def test_bad_rl_flags_exit_2_with_one_line_before_any_model_loads(flags, fragment, tmp_path):
+    # The model path does not exist: a check that ran after loading would report that instead.
+    result = subprocess.run(
+        [sys.executable, "rl_training.py", "--model_name", str(tmp_path / "no_model"), "--reward_model_name",
+         str(tmp_path / "no_rm"), "--train_file", str(DEMO_TRAIN), "--output_dir", str(tmp_path / "out"),
+         "--device", "cpu", "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "1",
+         *flags], cwd=REPO, capture_output=True, text=True, timeout=300, env=env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and fragment in lines[-1], lines[-3:]

@@ -86,17 +86,6 @@ def test_wrap_for_generation_graphs_generate_only(tiny_model, emulation_record):
     assert emulation_record["calls"]["hpu_graph_forward"] == 3
 
 
-def test_wrap_for_inference(tiny_model, emulation_record):
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
-    assert Backend(device="cpu").wrap_for_inference(model) is model
-    assert emulation_record["calls"]["wrap_in_hpu_graph"] == 0
-    Backend(device="hpu", use_lazy_mode=True).wrap_for_inference(model)
-    model(input_ids=torch.tensor([[1, 5, 9]]))
-    assert emulation_record["calls"]["wrap_in_hpu_graph"] == 1 and emulation_record["calls"]["hpu_graph_forward"] == 1
-
-
 def test_gaudi_training_args_parse_reference_flags(tmp_path):
     """4.55's TrainingArguments still has overwrite_output_dir, GaudiTrainingArguments has
     use_habana / use_lazy_mode / gaudi_config_name: each is parsed once and shared."""
