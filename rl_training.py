@@ -51,7 +51,7 @@ from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
-from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
+from rlhf.modeling import check_model_path, merge_lora, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
 from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
 from rlhf.reward import RewardScorer
@@ -475,7 +475,7 @@ def main() -> None:
     merged_dir = None
     if args.merge_final:
         merged_dir = output_dir / "merged"
-        model = policy.model.merge_and_unload() if policy.is_peft else policy.model
+        model = merge_lora(policy.model)
         model.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     samples = [

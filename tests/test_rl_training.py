@@ -120,8 +120,9 @@ def test_every_ppo_setting_is_one_flag_listed_once():
     result = subprocess.run([sys.executable, "rl_training.py", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    # The options section: one line per flag, starting with the flag (the usage line lists them again).
-    flags = [line.split()[0].rstrip(",") for line in result.stdout.splitlines() if line.lstrip().startswith("--")]
+    # The options section: one line per flag, indented by two spaces (the usage line lists them again,
+    # and wrapped help text is indented further).
+    flags = [line.split()[0].rstrip(",") for line in result.stdout.splitlines() if line.startswith("  --")]
     for f in fields(PPOConfig):
         assert flags.count(f"--{f.name}") == 1, f.name
     overlap = {f.name for f in fields(PPOConfig)} & {f.name for f in fields(rl_training.ScriptArguments)}
