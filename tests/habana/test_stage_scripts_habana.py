@@ -139,16 +139,19 @@ def test_reward_model_reaches_gaudi_trainer_with_static_shapes(rm_lazy):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 
 
-def test_ppo_uses_gaudi_accelerator_hpu_graphs_and_static_shapes(rm_lazy, tiny_model, demo_train, tmp_path):
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_uses_gaudi_accelerator_hpu_graphs_and_static_shapes(rm_lazy, tiny_model, demo_train, tmp_path, estimator):
     _needs("rl_training.py")
     rm_dir, _ = rm_lazy
     out = tmp_path / "out"
+    # grpo: 2 prompts x 2 responses per step, still one static shape per forward kind.
+    group = ["--advantage_estimator", "grpo", "--num_generations", "2"] if estimator == "grpo" else []
     result = run_emulated(
         ["rl_training.py", "--model_name", tiny_model, "--reward_model_name", str(rm_dir),
          "--train_file", demo_train, "--output_dir", str(out), "--batch_size", "4", "--mini_batch_size", "2",
          "--gradient_accumulation_steps", "1", "--output_max_length", "8", "--input_max_length", "48",
          "--steps", "2", "--batched_gen", "True", "--ppo_epochs", "1", "--eval_samples", "0",
-         "--save_freq", "1", "--use_habana", "--use_lazy_mode"],
+         "--save_freq", "1", "--use_habana", "--use_lazy_mode", *group],
         tmp_path / "record",
     )
     check_ok(result)
