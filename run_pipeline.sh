@@ -56,6 +56,19 @@ else
 fi
 mkdir -p "$OUT"
 
+# bf16 where the hardware computes in it (detected by rlhf.backend.bf16_supported, not assumed):
+# BF16=auto (default), 1 or 0. SFT/RM/DPO autocast on fp32 weights; PPO keeps its frozen weights in bf16.
+BF16=${BF16:-auto}
+if [ "$BF16" = auto ]; then
+    if "$PY" -c "import sys; from rlhf.backend import bf16_supported, choose_device; sys.exit(0 if bf16_supported(choose_device('$DEVICE')) else 1)" 2>/dev/null; then
+        BF16=1
+    else
+        BF16=0
+    fi
+fi
+PRECISION=(); [ "$BF16" = 1 ] && PRECISION=(--bf16 True)
+echo "== precision: $([ "$BF16" = 1 ] && echo bf16 || echo fp32) (BF16=$BF16)"
+
 fail() { echo "pipeline: stage '$1' failed with exit code $2; fix it and re-run: finished stages are skipped" >&2; exit "$2"; }
 
 # run_stage NAME OUTPUT_DIR COMMAND...: skip when done; resume when a checkpoint exists.
@@ -91,7 +104,7 @@ run_stage sft "$OUT/sft" $LAUNCH finetune_clm.py --model_name_or_path "$BASE_MOD
     --train_file "$TRAIN_FILE" --output_dir "$OUT/sft" --device "$DEVICE" --do_train \
     --peft "$SFT_PEFT" --max_steps "$SFT_STEPS" --learning_rate "$SFT_LR" --per_device_train_batch_size 8 \
     --max_seq_length 256 --logging_steps 5 --save_strategy steps --save_steps 20 --save_total_limit 1 \
-    --seed 0 --report_to none ${SFT_ARGS:-}
+    --seed 0 --report_to none "${PRECISION[@]}" ${SFT_ARGS:-}
 
 if [ "$SFT_PEFT" = lora ]; then
     run_stage sft-merge "$OUT/sft-merged" "$PY" merge_peft_adapter.py \
@@ -108,7 +121,7 @@ if [ "$ALGO" = dpo ]; then
         --peft "$DPO_PEFT" --max_steps "$DPO_STEPS" --learning_rate "$DPO_LR" --beta "$DPO_BETA" \
         --per_device_train_batch_size "$DPO_BATCH" --per_device_eval_batch_size 16 --max_length 256 \
         --logging_steps 5 --save_strategy steps --save_steps 20 --save_total_limit 1 --seed 0 --report_to none \
-        --heldout_samples "$EVAL_SAMPLES" --heldout_max_new_tokens "$RESPONSE_LEN" ${DPO_ARGS:-}
+        --heldout_samples "$EVAL_SAMPLES" --heldout_max_new_tokens "$RESPONSE_LEN" "${PRECISION[@]}" ${DPO_ARGS:-}
     FINAL=$OUT/dpo
     if [ "$DPO_PEFT" = lora ]; then
         run_stage dpo-merge "$OUT/dpo-merged" "$PY" merge_peft_adapter.py \
@@ -125,7 +138,7 @@ run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE
     --peft "$RM_PEFT" --num_train_epochs "$RM_EPOCHS" --max_steps "$RM_STEPS" --learning_rate "$RM_LR" \
     --per_device_train_batch_size "$RM_BATCH" --per_device_eval_batch_size 16 --max_length 256 \
     --logging_steps 5 --save_strategy steps --save_steps 50 --save_total_limit 1 --seed 0 --report_to none \
-    --reward_stats_samples 128 ${RM_ARGS:-}
+    --reward_stats_samples 128 "${PRECISION[@]}" ${RM_ARGS:-}
 
 RL_ALGO_ARGS=()
 # GRPO / RLOO: NUM_GENERATIONS responses per prompt, compared within the group (PPO_BATCH counts responses).
@@ -134,7 +147,7 @@ run_stage ppo "$OUT/ppo" $LAUNCH rl_training.py --model_name "$SFT_MODEL" --rewa
     --train_file "$TRAIN_FILE" --validation_file "$TEST_FILE" --output_dir "$OUT/ppo" --device "$DEVICE" \
     --steps "$PPO_STEPS" --batch_size "$PPO_BATCH" --mini_batch_size "$PPO_MINI" --gradient_accumulation_steps 1 \
     --ppo_epochs 4 --learning_rate "$PPO_LR" --output_max_length "$RESPONSE_LEN" --batched_gen True \
-    --eval_samples "$EVAL_SAMPLES" --save_freq 5 --save_total_limit 1 --seed 0 --missing_eos_penalty 1.0 "${RL_ALGO_ARGS[@]}" ${PPO_ARGS:-}
+    --eval_samples "$EVAL_SAMPLES" --save_freq 5 --save_total_limit 1 --seed 0 --missing_eos_penalty 1.0 "${RL_ALGO_ARGS[@]}" "${PRECISION[@]}" ${PPO_ARGS:-}
 
 "$PY" -m rlhf.report --rm_dir "$OUT/rm" --ppo_dir "$OUT/ppo" --output "$OUT/report.md" || fail report $?
 echo "Final policy (merged): $OUT/ppo/merged"
