@@ -75,12 +75,13 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 BAD_STDERR = re.compile(r"Traceback|terminate called|Aborted|Segmentation fault|\bError\b|error:|"
                         r"[A-Za-z]+Error\b|exited on signal")
 
-# (stage script, ZeRO stage, PEFT mode) -> launcher; every launcher is used by SFT and by RM.
+# (stage script, ZeRO stage, PEFT mode) -> launcher; every launcher runs one SFT and one RM case, one
+# with ZeRO-2 and one with ZeRO-3.
 CASES = {
     ("sft", 2, "lora"): "deepspeed",
     ("sft", 3, "lora"): "torchrun",
-    ("sft", 2, "none"): "accelerate",
-    ("sft", 3, "none"): "gaudi_spawn",
+    ("sft", 2, "none"): "gaudi_spawn",
+    ("sft", 3, "none"): "accelerate",
     ("rm", 2, "lora"): "accelerate",
     ("rm", 3, "lora"): "deepspeed",
     ("rm", 2, "none"): "torchrun",
@@ -270,14 +271,14 @@ def test_zero_matches_plain_run(stage, zero, peft, tiny_model_dir, plain_run, tm
 
 def test_ppo_refuses_a_deepspeed_launch(tmp):
     """``accelerate launch --use_deepspeed rl_training.py`` used to run plain DDP and exit 0."""
-    env = job_env(tmp / "hf_home")
-    for extra in ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "1"}):
-        result = subprocess.run([sys.executable, "rl_training.py", "--model_name", "x", "--output_dir", str(tmp / "x")],
-                                cwd=REPO, env={**env, **extra}, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2, result.stdout + result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "does not run under DeepSpeed" in lines[0], result.stderr
-        assert not (tmp / "x").exists()
+    env = {**job_env(tmp / "hf_home"), "ACCELERATE_USE_DEEPSPEED": "true"}  # what that launcher exports
+    result = subprocess.run([sys.executable, "rl_training.py", "--model_name", "x", "--output_dir", str(tmp / "x")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "rl_training.py was started by accelerate launch --use_deepspeed, but it does not run under DeepSpeed" in lines[0]
+    assert not (tmp / "x").exists()
 
 
 def test_deepspeed_launch_detection():
@@ -294,10 +295,10 @@ def test_setup_refuses_deepspeed_unless_supported(monkeypatch):
     from rlhf.distributed import DistInfo, setup_distributed_env
     from rlhf.errors import UserError
 
-    env = {"ACCELERATE_USE_DEEPSPEED": "true"}
-    with pytest.raises(UserError, match="does not run under DeepSpeed"):
-        setup_distributed_env(dict(env))
-    assert setup_distributed_env(dict(env), supports_deepspeed=True) == DistInfo(0, 0, 1)
+    for env in ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"CROSS_RANK": "0", "CROSS_SIZE": "1", "LOCAL_SIZE": "1"}):
+        with pytest.raises(UserError, match="does not run under DeepSpeed"):
+            setup_distributed_env(dict(env))
+        assert setup_distributed_env(dict(env), supports_deepspeed=True) == DistInfo(0, 0, 1)
 
 
 def test_trainer_stage_refuses_deepspeed_launcher_without_config(monkeypatch):
