@@ -336,8 +336,11 @@ def test_one_process_gets_a_group_env(monkeypatch):
     """``python finetune_clm.py --deepspeed ...`` with no launcher: a 1-process group, not MPI discovery."""
     from rlhf.zero import _one_process_group_env
 
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    # A private copy of the environment: what _one_process_group_env sets must not leak into later tests
+    # (monkeypatch.delenv of an unset variable restores nothing, and a leaked RANK/MASTER_PORT makes every
+    # later subprocess start a process group on that port).
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names})
     _one_process_group_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert int(os.environ["MASTER_PORT"]) > 0
