@@ -67,7 +67,6 @@ from rlhf.dpo import (
     dpo_metrics,
     heldout_kl,
     make_dpo_trainer_class,
-    prepare_dpo_training_args,
     sample_responses,
     tokenize_preferences,
 )
@@ -89,6 +88,7 @@ from rlhf.training import (
     evaluate_and_save,
     reliable_trainer_class,
     resolve_trainer_resume,
+    prepare_pair_training_args,
     setup_logging,
     train_and_save,
     trainer_run_finished,
@@ -164,7 +164,7 @@ def main() -> None:
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
-    prepare_dpo_training_args(training_args)
+    prepare_pair_training_args(training_args)
     dtype = backend.trainer_model_dtype(training_args)
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
     logger.info("Arguments: %s", {**public_dict(model_args), **public_dict(data_args), **public_dict(dpo_args)})

@@ -62,7 +62,6 @@ from rlhf.reward import (
     RewardPairCollator,
     find_score_head,
     make_reward_trainer_class,
-    prepare_reward_training_args,
     reward_metrics,
     reward_stats_sample,
     save_reward_model,
@@ -75,6 +74,7 @@ from rlhf.training import (
     evaluate_and_save,
     reliable_trainer_class,
     resolve_trainer_resume,
+    prepare_pair_training_args,
     setup_logging,
     train_and_save,
     trainer_run_finished,
@@ -142,7 +142,7 @@ def main() -> None:
     resume = resolve_trainer_resume(training_args) if do_train else None
     if do_train:
         check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
-    prepare_reward_training_args(training_args)
+    prepare_pair_training_args(training_args)
     logger.info("Backend: %s (rank %d of %d)", backend.device, dist.rank, dist.world_size)
     logger.info("Arguments: %s", {**public_dict(model_args), **public_dict(data_args), **public_dict(rm_args)})
 

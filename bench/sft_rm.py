@@ -105,12 +105,12 @@ def main() -> None:
             from peft import get_peft_model
             from transformers import Trainer, TrainingArguments
 
-            from rlhf.reward import RewardPairCollator, make_reward_trainer_class, prepare_reward_training_args, \
-                tokenize_pairs
+            from rlhf.reward import RewardPairCollator, make_reward_trainer_class, tokenize_pairs
+            from rlhf.training import prepare_pair_training_args
 
             train_set, _ = tokenize_pairs(pairs, tokenizer, length, "truncate", "demo")
             training_args = TrainingArguments(**common_args)
-            prepare_reward_training_args(training_args)
+            prepare_pair_training_args(training_args)
             model = get_peft_model(model, lora)
             trainer = make_reward_trainer_class(Trainer)(
                 model=model, args=training_args, train_dataset=train_set, data_collator=RewardPairCollator(tokenizer),

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from rlhf.errors import UserError
 from rlhf.modeling import position_ids_from_mask
+from rlhf.tokenization import encode_text, keep_end
 
 logger = logging.getLogger("rlhf")
 
@@ -370,25 +371,12 @@ def make_dpo_trainer_class(base_trainer_class: type) -> type:
     return DPOTrainer
 
 
-def prepare_dpo_training_args(training_args) -> None:
-    """Settings the pair collator and evaluation need, whatever the user passed."""
-    if training_args.remove_unused_columns:
-        logger.info("Setting remove_unused_columns=False: the pair collator needs the chosen/rejected columns")
-        training_args.remove_unused_columns = False
-    if not training_args.label_names:
-        training_args.label_names = []  # no label column
-
-
 # ---------------------------------------------------------------- held-out generations (report)
 
 
 def prompt_ids_like_sft(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
-    """The prompt ids SFT and DPO train on (``tokenize_example`` with an empty answer, EOS dropped)."""
-    from rlhf.sft_data import tokenize_example
-
-    ids = tokenize_example(prompt, "", tokenizer, max_prompt_length + 2, max_prompt_length, False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return ids[:-1] if eos is not None and ids and ids[-1] == eos and len(ids) > 1 else ids
+    """The prompt ids SFT and DPO train on (``rlhf.tokenization``'s rule), keeping the prompt's end."""
+    return keep_end(encode_text(tokenizer, prompt), max_prompt_length)
 
 
 @torch.no_grad()

@@ -320,15 +320,6 @@ def make_reward_trainer_class(base_trainer_class: type) -> type:
     return RewardTrainer
 
 
-def prepare_reward_training_args(training_args) -> None:
-    """Settings the pair collator and evaluation need, whatever the user passed."""
-    if training_args.remove_unused_columns:
-        logger.info("Setting remove_unused_columns=False: the pair collator needs the chosen/rejected columns")
-        training_args.remove_unused_columns = False
-    if not training_args.label_names:
-        training_args.label_names = []  # no label column: the pairwise loss needs none
-
-
 # ---------------------------------------------------------------- scoring for PPO
 
 

@@ -60,6 +60,15 @@ class RunArguments:
     )
 
 
+def prepare_pair_training_args(training_args) -> None:
+    """What the preference-pair stages (reward model, DPO) need of TrainingArguments, whatever was passed."""
+    if training_args.remove_unused_columns:
+        logger.info("Setting remove_unused_columns=False: the pair collator needs the chosen/rejected columns")
+        training_args.remove_unused_columns = False
+    if not training_args.label_names:
+        training_args.label_names = []  # no label column: the pairwise losses need none
+
+
 def setup_logging(training_args) -> None:
     level = training_args.get_process_log_level()
     logging.basicConfig(

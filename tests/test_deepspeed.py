@@ -75,16 +75,14 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 BAD_STDERR = re.compile(r"Traceback|terminate called|Aborted|Segmentation fault|\bError\b|error:|"
                         r"[A-Za-z]+Error\b|exited on signal")
 
-# (stage script, ZeRO stage, PEFT mode) -> launcher; every launcher runs one SFT and one RM case, one
-# with ZeRO-2 and one with ZeRO-3.
+# (stage script, ZeRO stage, PEFT mode) -> launcher: each stage under ZeRO-2 and ZeRO-3, LoRA and full
+# fine-tune each covered, every launcher used; the RM's ZeRO-3 merged save (the path that wrote empty
+# tensors) with both PEFT modes. Five two-process launches, to keep CI time in check.
 CASES = {
-    ("sft", 2, "lora"): "deepspeed",
-    ("sft", 3, "lora"): "torchrun",
     ("sft", 2, "none"): "gaudi_spawn",
-    ("sft", 3, "none"): "accelerate",
+    ("sft", 3, "lora"): "torchrun",
     ("rm", 2, "lora"): "accelerate",
     ("rm", 3, "lora"): "deepspeed",
-    ("rm", 2, "none"): "torchrun",
     ("rm", 3, "none"): "gaudi_spawn",
 }
 SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py"}
