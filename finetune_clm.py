@@ -111,8 +111,8 @@ def main() -> None:
     ft_args.check()
     lora_args.check()
     check_training_args(training_args)
-    prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
+    prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
