@@ -32,7 +32,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from rlhf.modeling import load_causal_lm, load_sequence_classifier, load_tokenizer
-    from rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+    from rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead
     from rlhf.reward import RewardScorer
 
     tokenizer = load_tokenizer(wl["model_dir"], padding_side="left")
@@ -42,7 +42,7 @@ def main() -> None:
     policy = PolicyWithValueHead(get_peft_model(base, LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=LORA_TARGETS,
         bias="none", task_type="CAUSAL_LM",
-    )))
+    )), ValueHead(base.config.hidden_size))
     rm_tokenizer = load_tokenizer(wl["rm_dir"])
     reward_model = load_sequence_classifier(wl["rm_dir"], rm_tokenizer).requires_grad_(False).eval()
     n_rm_params = count_params(reward_model)

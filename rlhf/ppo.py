@@ -692,6 +692,12 @@ class PPOTrainer:
         if self.eos_token_id is None:
             raise UserError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before PPO")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        if config.has_critic != (policy.value_head is not None):
+            raise UserError(
+                f"--advantage_estimator {config.advantage_estimator} "
+                + ("needs a value head (PolicyWithValueHead(model, ValueHead(hidden_size)))" if config.has_critic
+                   else "trains no value head; build the policy without one")
+            )
         if not policy.is_peft and policy.ref_model is None:
             raise UserError(
                 "full fine-tuning PPO needs a frozen reference model (policy.ref_model); or use LoRA (--peft lora)"

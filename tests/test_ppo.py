@@ -578,3 +578,16 @@ def test_bf16_policy_starts_at_kl_zero_keeps_ratio_one_and_learns(tiny_dir, toke
     assert all(math.isfinite(h["loss/value"]) for h in history)
     first, last = improvement(history)
     assert last > first + 0.15, (first, last)
+
+
+def test_policy_and_estimator_must_agree_on_the_critic(tiny_dir, tokenizer):
+    from accelerate import Accelerator
+
+    config = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=1)
+    with pytest.raises(UserError, match="needs a value head"):
+        PPOTrainer(config, make_policy(tiny_dir, critic=False), tokenizer, even_token_fraction(tokenizer),
+                   Accelerator(cpu=True))
+    grpo = PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=1, advantage_estimator="grpo",
+                     num_generations=2)
+    with pytest.raises(UserError, match="trains no value head"):
+        PPOTrainer(grpo, make_policy(tiny_dir), tokenizer, even_token_fraction(tokenizer), Accelerator(cpu=True))
