@@ -741,8 +741,8 @@ class PPOTrainer:
         return _round_up(longest, self.config.pad_to_multiple_of)
 
     def _pad(self, rows: Sequence[torch.Tensor], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        padded = pad_sequences([r.tolist() for r in rows], self.pad_token_id, side=side, pad_to=width)
-        return padded["input_ids"].to(self.device), padded["attention_mask"].to(self.device)
+        padded = pad_sequences(rows, self.pad_token_id, side=side, pad_to=width, device=self.device)
+        return padded["input_ids"], padded["attention_mask"]
 
     # ---------------------------------------------------------------- rollout
 
