@@ -101,6 +101,9 @@ class ScriptArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt."})
     eval_samples: int = field(default=32, metadata={"help": "Held-out prompts evaluated before and after (0: off)."})
+    best_of_n: int = field(default=0, metadata={
+        "help": "Also score best-of-n sampling from the starting policy on the held-out prompts (the best of n "
+                "responses per prompt by the raw reward): the baseline RL must beat to be worth its cost. 0: off."})
     num_shown_samples: int = field(default=4, metadata={"help": "Responses shown in summary.json and the log."})
     skip_nonfinite_rewards: bool = field(default=False, metadata={"help": "Skip a batch whose rewards are NaN/inf."})
     merge_final: bool = field(default=True, metadata={"help": "Also save the merged policy in output_dir/merged."})
@@ -122,6 +125,8 @@ class ScriptArguments:
             raise UserError(f"--save_freq {self.save_freq} must be positive")
         if self.eval_samples < 0 or not 0 <= self.lora_dropout < 1:
             raise UserError("--eval_samples >= 0 and 0 <= --lora_dropout < 1 are required")
+        if self.best_of_n < 0 or self.best_of_n == 1:
+            raise UserError(f"--best_of_n {self.best_of_n}: use 0 (off) or n >= 2 responses per held-out prompt")
 
 
 def distinct_prompts(prompts: list[str], source: str) -> list[str]:
@@ -318,6 +323,35 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Ten
             "raw_scores": [s["raw_score"] for s in samples], "scores": [s["score"] for s in samples]}
 
 
+def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int) -> float:
+    """Mean over held-out prompts of the best raw reward among ``n`` responses sampled from the current policy."""
+    start = time.perf_counter()
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(trainer.config.seed + 4321)
+    repeated_ids = [ids for ids in prompt_ids for _ in range(n)]
+    repeated_columns = {name: [v for v in values for _ in range(n)] for name, values in columns.items()}
+    _, samples = trainer.evaluate([p for p in prompts for _ in range(n)], repeated_ids, columns=repeated_columns)
+    torch.set_rng_state(generator_state)
+    raw = torch.tensor([s["raw_score"] for s in samples], device=trainer.device).reshape(len(prompts), n)
+    score = trainer.accelerator.reduce(raw.max(dim=1).values.mean(), reduction="mean").item()
+    logger.info("Best-of-%d baseline (%d prompts x %d samples, %.1fs): raw score %.3f",
+                n, len(prompts), n, time.perf_counter() - start, score)
+    return score
+
+
+def warn_if_eos_penalty_dominates(before: dict, config: PPOConfig) -> None:
+    """One line when most starting responses hit the length limit: the EOS penalty would drive learning."""
+    penalty = config.missing_eos_penalty
+    if not penalty or "eval/eos_penalty" not in before.get("metrics", {}):
+        return
+    unfinished = before["metrics"]["eval/eos_penalty"] / penalty
+    if unfinished > 0.5:
+        logger.warning(
+            "%.0f%% of the starting policy's held-out responses reach --output_max_length %d without EOS: "
+            "--missing_eos_penalty %g will drive learning more than the reward; raise --output_max_length "
+            "or drop the penalty", 100 * unfinished, config.output_max_length, penalty)
+
+
 def before_after(before: dict, after: dict, key: str) -> dict:
     first, last = before.get(key), after.get(key)
     change = None if first is None or last is None else last - first
@@ -340,6 +374,10 @@ def result_line(steps: int, result: dict) -> str:
             f"{score['after']:.3f} "
             f"({result['verdict']}, {score['change']:+.3f}); KL to reference {kl['before']:.3f} -> {kl['after']:.3f}; "
             f"response length {length['before']:.1f} -> {length['after']:.1f} tokens")
+    baseline = result.get("best_of_n")
+    if baseline:
+        line += (f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} "
+                 f"({'beaten' if baseline['beaten'] else 'NOT beaten'} by RL)")
     if penalty["before"] or penalty["after"]:
         line += (f"; missing-EOS penalty {penalty['before']:.3f} -> {penalty['after']:.3f} "
                  "(shapes the training score, not part of the reward score)")
@@ -410,8 +448,12 @@ def main() -> None:
         before = json.loads(before_file.read_text())
     else:
         before = evaluate(trainer, held_out, held_out_ids, held_out_columns, "before PPO")
+        if args.best_of_n and held_out:
+            before["best_of_n"] = {"n": args.best_of_n, "score": best_of_n(
+                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n)}
         if is_main:
             before_file.write_text(json.dumps(before))
+    warn_if_eos_penalty_dominates(before, config)
 
     logger.info("PPO: %d steps of %d rollouts x %d processes (%d prompts per process)",
                 total_steps, config.batch_size, dist.world_size, len(prompts))
@@ -495,6 +537,9 @@ def main() -> None:
         "training_score": before_after(first, last, "eval/scores"),
     }
     result["verdict"] = verdict(result["reward_score"]["change"])
+    if "best_of_n" in before and result["reward_score"]["after"] is not None:
+        result["best_of_n"] = {**before["best_of_n"],
+                               "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}
     summary = {
         "result": result,
         "held_out_prompts": len(held_out),

@@ -3,7 +3,8 @@
 Reads the stages' own outputs (nothing is re-measured or invented here): the reward model's
 held-out evaluation (`eval_results.json`), PPO's `summary.json` (held-out reward-model score and KL
 to the reference, before and after PPO) and `eval_samples.jsonl` (the held-out responses, to which
-the demo preference rule of `rlhf.demo_rule` is applied), and the plots' paths. `dpo_training.py
+the demo preference rule of `rlhf.demo_rule` is applied), the best-of-n baseline when the RL run
+measured one (`--best_of_n`), and the plots' paths. `dpo_training.py
 --heldout_samples N` writes the same two files (its `summary.json` names its `algorithm`, and has no
 reward-model score: that row reads n/a), and a DPO pipeline has no reward model (`--rm_dir ""`).
 
@@ -67,6 +68,7 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         "reward_after": after.get("eval/raw_scores"),
         "kl_before": before.get("eval/kl"),
         "kl_after": after.get("eval/kl"),
+        "best_of_n": summary.get("result", {}).get("best_of_n"),
         "rule_before": rule_before,
         "rule_after": rule_after,
     }
@@ -88,6 +90,10 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         f"| mean reward-model score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
         f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} |",
     ]
+    baseline = numbers["best_of_n"]
+    if baseline:
+        lines.append(f"| best-of-{baseline['n']} from the starting policy (the baseline to beat) | "
+                     f"{fmt(baseline['score'])} | {'beaten' if baseline['beaten'] else 'NOT beaten'} |")
     for check in ("on_topic", "polite", "finished"):
         lines.append(f"| - {check} | {fmt(rule_before.get(check))} | {fmt(rule_after.get(check))} |")
     lines += [

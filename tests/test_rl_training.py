@@ -165,7 +165,7 @@ def ppo_run(tiny_model_dir, tmp_path_factory):
             "--device", "cpu", "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--ppo_epochs", "1", "--output_max_length", "8", "--steps", "4", "--save_freq", "2",
             "--eval_samples", "4", "--batched_gen", "True", "--missing_eos_penalty", "0.5", "--log_with", "wandb",
-            "--output_dir", str(root / "out")]
+            "--best_of_n", "3", "--output_dir", str(root / "out")]
     result = subprocess.run([sys.executable, "rl_training.py", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=600, env=env(WANDB_MODE="offline"))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -207,6 +207,53 @@ def test_summary_leads_with_the_reward_models_raw_score(ppo_run):
     assert summary["eval_after"]["eval/scores"] == pytest.approx(score["after"] - penalty["after"], abs=1e-5)
     last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
     assert f"reward-model score {score['before']:.3f} -> {score['after']:.3f} ({result_block['verdict']}" in last_line
+
+
+def test_best_of_n_baseline_is_reported_beside_the_result(ppo_run):
+    out, _, result = ppo_run
+    summary = json.loads((out / "summary.json").read_text())
+    baseline, score = summary["result"]["best_of_n"], summary["result"]["reward_score"]
+    assert baseline["n"] == 3 and baseline["beaten"] == (score["after"] > baseline["score"])
+    last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
+    assert f"best-of-3 from the starting policy {baseline['score']:.3f}" in last_line
+    from rlhf.report import build_report
+
+    text, numbers = build_report(None, out)
+    assert numbers["best_of_n"] == baseline and "| best-of-3 from the starting policy" in text
+
+
+def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
+    """The baseline is the mean over prompts of the best of its n samples (grouped per prompt, not mixed)."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
+    from rlhf.reward_functions import CombinedReward
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(tiny_model_dir), None,
+                                 ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    config = PPOConfig(batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1, output_max_length=6,
+                       advantage_estimator="grpo", num_generations=2)
+    reward = CombinedReward(None, [("length", lambda prompts, responses, **_: [float(len(r)) for r in responses])])
+    trainer = PPOTrainer(config, policy, tokenizer, reward, Accelerator(cpu=True))
+    prompts = ["Hello there", "What is a cat?", "Tell me about Mars."]
+    ids = [torch.tensor(tokenizer(p)["input_ids"]) for p in prompts]
+    seen = []
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda *a, **k: seen.append(evaluate(*a, **k)) or seen[-1]
+    score = rl_training.best_of_n(trainer, prompts, ids, {}, 4)
+    samples = seen[0][1]
+    assert [s["prompt"] for s in samples] == [p for p in prompts for _ in range(4)]
+    best = [max(s["raw_score"] for s in samples[i * 4 : i * 4 + 4]) for i in range(3)]
+    assert score == pytest.approx(sum(best) / 3)
+    assert score > sum(s["raw_score"] for s in samples) / len(samples)  # lengths vary: the best beats the mean
+
+
+def test_a_dominating_eos_penalty_is_warned_about_at_start(ppo_run):
+    _, _, result = ppo_run  # 8 new tokens from a random tiny model: hardly any response ends
+    warning = [line for line in result.stderr.splitlines() if "without EOS" in line]
+    assert len(warning) == 1 and "--missing_eos_penalty 0.5 will drive learning" in warning[0]
 
 
 def test_wandb_offline_run_holds_the_ppo_metrics(ppo_run):
@@ -267,6 +314,7 @@ def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_pat
     (["--advantage_estimator", "grpo", "--num_generations", "1"], "--num_generations 1: grpo needs at least 2"),
     (["--reward_fn", "rlhf_nosuch_rules:score"], "--reward_fn rlhf_nosuch_rules:score: importing"),
     (["--top_k", "50"], "--top_k 50"),
+    (["--best_of_n", "1"], "--best_of_n 1: use 0 (off) or n >= 2"),
 ])
 def test_bad_rl_flags_exit_2_with_one_line_before_any_model_loads(flags, fragment, tmp_path):
     # The model path does not exist: a check that ran after loading would report that instead.
