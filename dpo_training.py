@@ -93,6 +93,7 @@ from rlhf.training import (
     train_and_save,
     trainer_run_finished,
 )
+from rlhf.zero import full_parameters, prepare_deepspeed
 
 logger = logging.getLogger("rlhf")
 DEFAULT_DATASET = "Intel/orca_dpo_pairs"
@@ -150,7 +151,7 @@ def heldout_prompts(dataset, count: int) -> list[str]:
 
 
 def main() -> None:
-    dist = setup_distributed_env()
+    dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.prepare_deepspeed below
     parsed = parse_stage_args(
         (ModelArguments, DPODataArguments, DPOArguments, LoraArguments, RunArguments), True, sys.argv[1:]
     )
@@ -161,6 +162,7 @@ def main() -> None:
     dpo_args.check()
     lora_args.check()
     check_training_args(training_args)
+    zero = prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
@@ -232,23 +234,34 @@ def main() -> None:
     if trainer_run_finished(trainer, resume):
         return  # resumed at the end of a finished run: change nothing
     if dpo_args.precompute_ref_log_probs:
-        # Before training: with --peft none and no copy, the model itself is still the reference.
-        trainer.train_dataset = trainer.precompute_reference(train_set, "training")
-        if eval_set is not None:
-            eval_set = trainer.eval_dataset = trainer.precompute_reference(eval_set, "evaluation")
+        # Before training: with --peft none and no copy, the model itself is still the reference. Under ZeRO-3 no
+        # engine drives the model yet: its weights are gathered whole on every rank for these passes.
+        with full_parameters(trainer.model):
+            trainer.train_dataset = trainer.precompute_reference(train_set, "training")
+            if eval_set is not None:
+                eval_set = trainer.eval_dataset = trainer.precompute_reference(eval_set, "evaluation")
 
     heldout = heldout_prompts(eval_text, dpo_args.heldout_samples) if eval_text is not None else []
     sampling = dict(max_new_tokens=dpo_args.heldout_max_new_tokens, max_prompt_length=dpo_args.max_prompt_length,
                     batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed + 1234,
                     device=training_args.device)
     has_reference = lora_args.peft == "lora" or ref_model is not None
-    before = None
-    if heldout and trainer.is_world_process_zero():
-        before = heldout_eval(trainer.model, ref_model, tokenizer, heldout, sampling, has_reference, "before DPO")
+    # Held-out sampling on rank 0; under ZeRO-3 on every rank (gathering the weights is a collective), the same
+    # prompts and seed, rank 0 writing.
+    evaluate_heldout = bool(heldout) and (trainer.is_world_process_zero() or zero == 3)
+    before = after = None
+    if evaluate_heldout:
+        with full_parameters(trainer.model):
+            before = heldout_eval(trainer.model, trainer.ref_model, tokenizer, heldout, sampling, has_reference,
+                                  "before DPO")
 
     train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
     if eval_set is not None:
         evaluate_and_save(trainer, len(eval_set), with_perplexity=False)
+    if evaluate_heldout:
+        with full_parameters(trainer.model, engine=trainer.model_wrapped):
+            after = heldout_eval(trainer.model, trainer.ref_model, tokenizer, heldout, sampling, has_reference,
+                                 "after DPO")
     if not trainer.is_world_process_zero():
         return
     keys = (*REWARD_KEYS, *LOGP_KEYS)
@@ -256,8 +269,7 @@ def main() -> None:
                                 extra_keys=(*keys, *(f"eval_{k}" for k in REWARD_KEYS)))
     logger.info("Saved the %s and tokenizer to %s; training curves: %s",
                 "adapter" if lora_args.peft == "lora" else "model", training_args.output_dir, plot)
-    if before is not None:
-        after = heldout_eval(trainer.model, ref_model, tokenizer, heldout, sampling, has_reference, "after DPO")
+    if after is not None:
         write_summary(Path(training_args.output_dir), trainer.state.global_step, backend.device, heldout, before,
                       after, plot)
 

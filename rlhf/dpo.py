@@ -29,8 +29,9 @@ API (used by ``dpo_training.py``):
 - ``dpo_metrics(eval_pred)``: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
   ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` over a whole evaluation set.
 - ``make_dpo_trainer_class(base)``: a subclass of ``Trainer`` or ``GaudiTrainer`` with the DPO
-  ``compute_loss``; the reference is ``ref_model`` (a frozen copy), else the policy with its LoRA
-  adapter disabled, else the precomputed columns. Training logs carry the same reward keys.
+  ``compute_loss``; the reference is ``ref_model`` (a frozen copy; under DeepSpeed ZeRO-3 its own
+  inference engine, ``rlhf.zero.inference_engine``), else the policy with its LoRA adapter disabled,
+  else the precomputed columns. Training logs carry the same reward keys.
 - ``sample_responses(...)`` / ``heldout_kl(...)``: held-out generations and their KL to the
   reference, for the before/after report.
 """
@@ -261,11 +262,23 @@ def make_dpo_trainer_class(base_trainer_class: type) -> type:
             # let the Trainer divide it by the gradient-accumulation steps (transformers 4.55 and 5).
             self.model_accepts_loss_kwargs = False
             self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-            self.ref_model = ref_model
             if ref_model is not None:
                 ref_model.requires_grad_(False).eval()
-                ref_model.to(self.args.device)
+                if self._zero3():  # partitioned as it loaded: its own engine gathers it layer by layer
+                    from rlhf.zero import inference_engine
+
+                    ref_model = inference_engine(ref_model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+                else:
+                    ref_model.to(self.args.device)
+            self.ref_model = ref_model
             self._dpo_sums: torch.Tensor | None = None  # [chosen, rejected, accuracy, margin, logp c, logp r, count]
+
+        def _zero3(self) -> bool:
+            if not getattr(self, "is_deepspeed_enabled", False):
+                return False
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            return is_deepspeed_zero3_enabled()
 
         # ---- reference log-probs
 

@@ -263,15 +263,6 @@ def make_stop_callback() -> StopOnSignal:
 # ---------------------------------------------------------------- the trainer mixin
 
 
-def _nonfinite_trainable(model) -> str | None:
-    import torch
-
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad and parameter.numel() and not bool(torch.isfinite(parameter).all()):
-            return name
-    return None
-
-
 class ReliableTrainerMixin:
     """Atomic-by-marker checkpoints, stop-on-signal and non-finite loss handling for any Trainer class."""
 
@@ -304,7 +295,9 @@ class ReliableTrainerMixin:
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         step = self.state.global_step
-        bad = _nonfinite_trainable(self.model)
+        from rlhf.zero import nonfinite_parameter
+
+        bad = nonfinite_parameter(self.model)  # every rank: under ZeRO-3 each checks its partitions
         if bad is not None:
             raise TrainingDiverged(
                 f"weight {bad} is not finite at step {step}, so no checkpoint was written; the last complete "

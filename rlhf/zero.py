@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO for the Trainer stages (``finetune_clm.py``, ``reward_modeling.py``).
+"""DeepSpeed ZeRO for every stage: the Trainer stages (SFT, RM, DPO) and PPO.
 
 transformers' Trainer drives the DeepSpeed engine itself once ``--deepspeed CONFIG`` is given; what
 the stage scripts add around it:
@@ -21,6 +21,15 @@ the stage scripts add around it:
   plain copy above on rank 0 (``None`` elsewhere).
 - ``check_no_placeholders(state_dict, what)``: raise instead of writing a 0-element tensor. A save
   from partitioned weights that were not gathered writes such tensors and would otherwise "succeed".
+- ``inference_engine(model, config)``: a frozen model (DPO's and PPO's reference copy, PPO's reward
+  model) under ZeRO-3: its own DeepSpeed engine without optimizer, partitioned like the trained model.
+- ``full_parameters(model, engine)``: every parameter whole on every rank for a block (generation and
+  passes outside the engine under ZeRO-3), the engine's fetch/release hooks off meanwhile.
+- PPO (``rl_training.py``, not on the Trainer path): ``ppo_deepspeed_plugin`` builds accelerate's
+  ``DeepSpeedPlugin`` from ``--deepspeed CONFIG`` or ``accelerate launch --use_deepspeed`` with the
+  config's ``auto`` values filled from PPO's settings, and ``PPOEngineSteps`` runs PPO's backward and
+  optimizer step through the engine, PPO ending each accumulation window; ``save_engine_state`` /
+  ``load_engine_state`` are the engine's own checkpoint on every rank.
 - Memory per device for docs/distributed.md: ``model_states_bytes`` (the ZeRO paper's formulas),
   ``memory_table`` (Llama-2 7B/13B/70B, SFT/RM/PPO, LoRA/full, ZeRO-2/3) and
   ``deepspeed_estimates`` (DeepSpeed's own estimators for comparison).
@@ -141,16 +150,20 @@ def check_no_placeholders(state_dict: Mapping, what: str) -> None:
         )
 
 
-def gathered_state_dict(model, is_main: bool) -> dict | None:
+def gathered_state_dict(model, is_main: bool, trainable_only: bool = False) -> dict | None:
     """``model.state_dict()`` with every ZeRO-3 parameter gathered, as CPU tensors, on the main rank.
 
     A collective under ZeRO-3: every rank must call it (they gather each parameter together, one at
     a time, so no rank ever holds more than one whole parameter beyond its partition). Returns the
     dict on the main rank and ``None`` elsewhere. Without ZeRO-3 it is ``model.state_dict()`` copied
-    to CPU on the main rank."""
+    to CPU on the main rank. ``trainable_only``: only the parameters that require a gradient (a LoRA
+    adapter and a value head, without gathering the frozen base)."""
     import torch
 
     state = model.state_dict(keep_vars=True)
+    if trainable_only:
+        state = {name: tensor for name, tensor in state.items()
+                 if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad}
     partitioned = [t for t in state.values() if is_partitioned(t)]
     result: dict | None = {} if is_main else None
     gather = _gather_context() if partitioned else None
@@ -264,6 +277,249 @@ def model_to_save(trainer):
     is_main = trainer.is_world_process_zero()
     state = gathered_state_dict(model, is_main)
     return plain_copy(model, state) if is_main else None
+
+
+# ---------------------------------------------------------------- engines outside the Trainer (DPO reference, PPO)
+
+HIDDEN_SIZE_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def fill_hidden_size_auto(config: dict, model) -> dict:
+    """``config`` with the bucket sizes left ``"auto"`` filled from the model's hidden size, as
+    accelerate fills them for the model it prepares (h*h, 0.9*h*h, 10*h)."""
+    zero = config.get("zero_optimization", {})
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    values = {} if hidden is None else dict(zip(HIDDEN_SIZE_KEYS, (hidden * hidden, int(0.9 * hidden * hidden),
+                                                                   10 * hidden)))
+    for key in HIDDEN_SIZE_KEYS:
+        if zero.get(key) == "auto":
+            if key not in values:
+                raise UserError(f"DeepSpeed config: zero_optimization.{key} is \"auto\" but the model has no hidden_size "
+                                "to fill it from; give it a number")
+            zero[key] = values[key]
+    return config
+
+
+def inference_engine(model, config: Mapping):
+    """``model`` (frozen) as its own DeepSpeed engine without an optimizer, in eval mode.
+
+    Under ZeRO-3 a frozen model beside the trained one (DPO's and PPO's reference copy with ``--peft
+    none``, PPO's reward model) is partitioned over the ranks like it and gathered layer by layer in
+    each forward, as TRL's ``prepare_deepspeed`` does. Its forward passes are collectives: every rank
+    must run the same number of them. ``config``: the run's DeepSpeed config (batch sizes filled);
+    optimizer, scheduler and optimizer offload are dropped."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(dict(config))
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=fill_hidden_size_auto(config, model))
+    engine.eval()
+    return engine
+
+
+def _parameter_offload(engine):
+    """The ZeRO-3 object that holds an engine's per-module fetch/release hooks (None: no hooks)."""
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return None
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if hasattr(offload, "forward_hooks") else None
+
+
+@contextlib.contextmanager
+def full_parameters(model, engine=None):
+    """Every parameter of ``model`` whole on every rank for the block; a no-op unless ZeRO-3 partitions it.
+
+    For generation under ZeRO-3 (one gather for all the decoding steps instead of one per layer per
+    token) and for forward passes of a model no engine drives yet. ``engine``: the DeepSpeed engine
+    whose module contains ``model``; its per-module fetch/release hooks are taken off for the block
+    and put back after (the same as TRL's ``unwrap_model_for_generation``). A collective: every rank
+    must enter it. Each rank holds the whole model meanwhile."""
+    import deepspeed
+
+    parameters = list(model.parameters())
+    if not any(is_partitioned(p) for p in parameters):
+        yield model
+        return
+    offload = _parameter_offload(engine)
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
+        if offload is not None:
+            for parameter in offload.module.parameters():
+                parameter.ds_active_sub_modules.clear()
+            for hook in (*offload.forward_hooks, *offload.backward_hooks):
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield model
+        finally:
+            if offload is not None:
+                coordinator = getattr(offload, "param_coordinator", None)
+                if coordinator is not None and not coordinator.is_invalid_trace():
+                    coordinator._invalidate_trace()
+                offload._register_deepspeed_module(offload.module)
+
+
+def nonfinite_parameter(model) -> str | None:
+    """The name of a trainable parameter holding NaN/inf, or None; ZeRO-3 partitions included.
+
+    Under ZeRO-3 each rank checks its own partitions (``ds_tensor``) and the ranks agree (a collective:
+    every rank must call it), so a NaN in any partition is found on every rank."""
+    import torch
+
+    found = None
+    partitioned = False
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        tensor = parameter.ds_tensor if is_partitioned(parameter) else parameter
+        partitioned = partitioned or is_partitioned(parameter)
+        if found is None and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            found = name
+    if partitioned:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            names = [None] * dist.get_world_size()
+            dist.all_gather_object(names, found)
+            found = next((n for n in names if n is not None), None)
+    return found
+
+
+# ---------------------------------------------------------------- PPO under the DeepSpeed engine
+
+
+def ppo_deepspeed_plugin(config_file: str | None, ppo_config, num_processes: int):
+    """accelerate's ``DeepSpeedPlugin`` for PPO, or None without DeepSpeed.
+
+    From ``--deepspeed CONFIG`` or from ``accelerate launch --use_deepspeed`` (its config file or
+    ``--zero_stage`` flags). Refuses a ``deepspeed`` launcher without a config (it would run plain
+    DDP). The config's ``auto`` values are filled from PPO's settings: a micro-batch is
+    ``--mini_batch_size`` rollouts, ``--gradient_accumulation_steps`` of them make an optimizer step,
+    the engine clips gradients to ``--max_grad_norm`` (0: off); PPO ends each accumulation window
+    itself (``managed_gradient_accumulation: false``: the engine steps when PPO calls ``step``, not
+    after a count of backward passes). Precision is the model's own (PPO's ``--bf16`` puts the frozen
+    weights in bf16 and keeps adapters fp32); a config that turns on DeepSpeed's bf16/fp16 is refused."""
+    import os
+
+    from rlhf.distributed import deepspeed_launch
+
+    launch = deepspeed_launch()
+    from_accelerate = launch == "accelerate launch --use_deepspeed"
+    if config_file is None and not from_accelerate:
+        if launch is not None:
+            raise UserError(
+                f"started by {launch} but without a DeepSpeed config, so this run would not use DeepSpeed; pass "
+                "--deepspeed configs/deepspeed/zero2.json (or zero3.json), or launch with torchrun for plain DDP"
+            )
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    if config_file is not None:
+        source = f"--deepspeed {config_file}"
+        if not os.path.isfile(config_file):
+            raise UserError(f"{source}: no such file; pass a DeepSpeed JSON config such as configs/deepspeed/zero2.json")
+        plugin = DeepSpeedPlugin(hf_ds_config=config_file)
+    else:
+        source = "accelerate launch --use_deepspeed"
+        plugin = DeepSpeedPlugin()  # from the launcher's ACCELERATE_DEEPSPEED_* variables
+    config = plugin.deepspeed_config
+    for key in ("fp16", "bf16"):
+        if str(config.get(key, {}).get("enabled", False)).lower() == "true":
+            raise UserError(f"{source}: {key}.enabled is true, which would cast the whole policy (LoRA adapter and "
+                            f"value head included) to 16 bits; set it to \"auto\" or false (PPO's --bf16 keeps the "
+                            "frozen weights in bf16 and the trained ones in fp32)")
+    if "optimizer" in config or "scheduler" in config:
+        raise UserError(f"{source}: PPO builds its own optimizer (--learning_rate, --adafactor) and has no scheduler; "
+                        "remove the optimizer and scheduler sections from the DeepSpeed config")
+    stage = int(config.get("zero_optimization", {}).get("stage", 0) or 0)
+    micro = ppo_config.mini_batch_size
+    accumulation = ppo_config.gradient_accumulation_steps
+    filled = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * num_processes,
+        "gradient_clipping": ppo_config.max_grad_norm or 0.0,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise UserError(f"{source}: {key} is {config[key]} but PPO's settings make it {value} "
+                            "(--mini_batch_size, --gradient_accumulation_steps, --max_grad_norm); set it to \"auto\"")
+        config[key] = value
+    for key in ("fp16", "bf16"):
+        config.setdefault(key, {})["enabled"] = False
+    config["managed_gradient_accumulation"] = False
+    config["zero_allow_untested_optimizer"] = True  # torch Adam / transformers' Adafactor, as the Trainer stages
+    logger.info("DeepSpeed ZeRO stage %d (%s), %d processes", stage, source, num_processes)
+    return plugin
+
+
+def deepspeed_engine(model):
+    """The DeepSpeed engine ``accelerator.prepare`` returned for ``model``, or None."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:
+        return None
+    return model if isinstance(model, DeepSpeedEngine) else None
+
+
+def zero_stage_of(engine) -> int:
+    return 0 if engine is None else int(engine.zero_optimization_stage())
+
+
+class PPOEngineSteps:
+    """PPO's backward and optimizer step through a DeepSpeed engine, PPO deciding the windows.
+
+    ``backward(loss)``: the engine's backward of a loss PPO already divided by its accumulation steps
+    (ZeRO reduces the gradients into partitions; no step). ``step()``: end of PPO's accumulation
+    window: the engine clips (``gradient_clipping``), steps the optimizer and zeroes the gradients;
+    returns the gradient norm before clipping. The engine runs with ``managed_gradient_accumulation``
+    off, so how many backward passes a window had (PPO skips minibatches whose ratio explodes) does
+    not matter."""
+
+    def __init__(self, engine):
+        if engine.managed_gradient_accumulation():
+            raise RuntimeError("the PPO engine must run with managed_gradient_accumulation false "
+                               "(rlhf.zero.ppo_deepspeed_plugin sets it)")
+        self.engine = engine
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+
+ENGINE_CHECKPOINT = "deepspeed"  # folder in a PPO checkpoint: the engine's own save_checkpoint
+
+
+def save_engine_state(engine, folder) -> None:
+    """The engine's optimizer state (partitioned: each rank writes its own part) and its trained
+    weights into ``folder/deepspeed``; call on EVERY rank. Frozen weights are left out (they come from
+    the base model; a LoRA checkpoint stays adapter-sized)."""
+    from pathlib import Path
+
+    engine.save_checkpoint(str(Path(folder) / ENGINE_CHECKPOINT), tag="state", exclude_frozen_parameters=True)
+
+
+def load_engine_state(engine, folder) -> None:
+    """Restore what ``save_engine_state`` wrote (every rank; the same number of ranks and ZeRO stage)."""
+    from pathlib import Path
+
+    path = Path(folder) / ENGINE_CHECKPOINT
+    if not (path / "state").is_dir():
+        raise UserError(f"{folder} has no DeepSpeed engine state ({ENGINE_CHECKPOINT}/state); it was not written by a "
+                        "DeepSpeed run - resume it without --deepspeed, or start fresh")
+    loaded, _ = engine.load_checkpoint(str(path), tag="state", load_module_strict=False, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"could not load the DeepSpeed engine state from {path}; resume with the same number of "
+                        "processes and ZeRO stage as the run that wrote it")
 
 
 # ---------------------------------------------------------------- memory per device (docs/distributed.md)

@@ -69,6 +69,10 @@ SFT_ARGS = [*COMMON, "--train_file", str(TRAIN), "--do_train", "--max_seq_length
 RM_ARGS = [*COMMON, "--train_file", str(TRAIN), "--validation_file", str(TEST), "--max_eval_samples", "16",
            "--per_device_eval_batch_size", "8", "--max_length", "128", "--save_strategy", "no",
            "--reward_stats_samples", "8"]
+# DPO also samples 2 held-out prompts before and after training (under ZeRO-3: with the weights gathered on every rank)
+DPO_ARGS = [*COMMON, "--train_file", str(TRAIN), "--validation_file", str(TEST), "--max_eval_samples", "8",
+            "--per_device_eval_batch_size", "4", "--max_length", "128", "--save_strategy", "no",
+            "--heldout_samples", "2", "--heldout_max_new_tokens", "8"]
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "HF_TOKEN")
@@ -77,15 +81,19 @@ BAD_STDERR = re.compile(r"Traceback|terminate called|Aborted|Segmentation fault|
 
 # (stage script, ZeRO stage, PEFT mode) -> launcher: each stage under ZeRO-2 and ZeRO-3, LoRA and full
 # fine-tune each covered, every launcher used; the RM's ZeRO-3 merged save (the path that wrote empty
-# tensors) with both PEFT modes. Five two-process launches, to keep CI time in check.
+# tensors) with both PEFT modes; DPO's frozen reference copy under ZeRO-3 (its own inference engine).
 CASES = {
     ("sft", 2, "none"): "gaudi_spawn",
     ("sft", 3, "lora"): "torchrun",
     ("rm", 2, "lora"): "accelerate",
     ("rm", 3, "lora"): "deepspeed",
     ("rm", 3, "none"): "gaudi_spawn",
+    ("dpo", 2, "lora"): "deepspeed",
+    ("dpo", 3, "lora"): "torchrun",
+    ("dpo", 3, "none"): "accelerate",
 }
-SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py"}
+SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py", "dpo": "dpo_training.py"}
+STAGE_ARGS = {"sft": SFT_ARGS, "rm": RM_ARGS, "dpo": DPO_ARGS}
 
 
 def free_port() -> int:
@@ -187,7 +195,7 @@ def tmp(tmp_path_factory) -> Path:
 
 def stage_args(stage: str, peft: str, model: str, output: Path) -> list[str]:
     return ["--model_name_or_path", model, "--output_dir", str(output), "--peft", peft,
-            *(SFT_ARGS if stage == "sft" else RM_ARGS)]
+            *STAGE_ARGS[stage]]
 
 
 PARAMETERS = re.compile(r"Parameters: \d+ trainable of \d+")
@@ -245,7 +253,7 @@ def test_zero_matches_plain_run(stage, zero, peft, tiny_model_dir, plain_run, tm
     difference = max_difference(trained, reference)
     print(f"{stage} ZeRO-{zero} {peft} via {launcher}: losses {ours}, max weight difference {difference:.1e}")
     assert difference <= WEIGHT_ATOL
-    initial = load_weights("sft", "none", Path(tiny_model_dir), tiny_model_dir) if stage == "sft" else None
+    initial = load_weights("sft", "none", Path(tiny_model_dir), tiny_model_dir) if stage != "rm" else None
     if initial is not None:
         base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in trained.items()}
         moved = max(float((base[k] - initial[k]).abs().max()) for k in initial if k in base)
@@ -258,9 +266,13 @@ def test_zero_matches_plain_run(stage, zero, peft, tiny_model_dir, plain_run, tm
         checkpoint = output / f"checkpoint-{STEPS}"
         assert (checkpoint / COMPLETE_MARKER).is_file()
         assert max_difference(load_weights(stage, peft, checkpoint, tiny_model_dir), trained) == 0.0
-    else:
+    elif stage == "rm":
         assert "Saved the merged reward model" in log
         assert not (output / "adapter_model.safetensors").exists()
+    else:  # DPO's held-out samples before training: the same tokens as the plain run's (generated from gathered weights)
+        ours, theirs = (json.loads((run / "summary.json").read_text()) for run in (output, plain))
+        assert [s["response_before"] for s in ours["samples"]] == [s["response_before"] for s in theirs["samples"]]
+        assert len(ours["samples"]) == 2 and math.isfinite(ours["eval_after"]["eval/kl"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,3 +476,22 @@ def test_docs_hold_the_current_table():
     from rlhf.zero import memory_table
 
     assert memory_table() in (REPO / "docs" / "distributed.md").read_text()
+
+
+def test_nonfinite_parameter_checks_zero3_partitions():
+    """The checkpoint guard looks at a ZeRO-3 parameter's own partition (``ds_tensor``), not its 0-element placeholder."""
+    import torch
+
+    from rlhf.zero import nonfinite_parameter
+
+    layer = torch.nn.Linear(4, 3)
+    assert nonfinite_parameter(layer) is None
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_id = 0
+    layer.weight.ds_tensor = torch.tensor([1.0, float("nan")])
+    assert nonfinite_parameter(layer) == "weight"
+    layer.weight.ds_tensor = torch.ones(2)
+    layer.bias.data[0] = float("inf")
+    assert nonfinite_parameter(layer) == "bias"
+    layer.bias.requires_grad_(False)  # frozen weights are not checked
+    assert nonfinite_parameter(layer) is None
