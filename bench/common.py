@@ -18,6 +18,10 @@ Workload (one JSON file written by ``run_bench.py`` and read by every worker wit
     warmup, steps   unmeasured and measured PPO steps
     lora            r / alpha / dropout / target modules of the policy's LoRA adapter
     learning_rate, seed, threads
+    num_generations GRPO: responses per prompt (batch_size counts responses: batch_size / k prompts per step)
+    grpo_beta       GRPO: weight of the k3 KL loss term (reference = the adapter-disabled policy)
+    sft_*           SFT / RM / DPO: batch_size (pairs for RM and DPO), max_length, warmup, steps
+    dpo_beta        DPO: beta (sigmoid loss)
 
 Each worker prints progress to stderr and writes one JSON result (``write_result``).
 """
@@ -43,12 +47,13 @@ PLAIN_TEMPLATE = "{system}\n\nQuestion: {question}\n\nAnswer: "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def start_ppo_worker(description: str):
-    """The PPO workers' shared start: parse ``--workload``/``--out``, begin sampling peak memory.
-    Returns (args, memory sampler, workload)."""
+def start_ppo_worker(description: str, tasks: tuple[str, ...] = ("ppo",)):
+    """The PPO and GRPO workers' shared start: parse ``--workload``/``--out`` (and ``--task`` when a worker
+    runs several), begin sampling peak memory. Returns (args, memory sampler, workload)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", choices=tasks, default=tasks[0])
     parser.add_argument("--workload", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -79,12 +84,24 @@ def prompt_texts(n: int) -> list[str]:
     return [PLAIN_TEMPLATE.format(**rows[i % len(rows)]) for i in range(n)]
 
 
-def prompt_ids(tokenizer, workload: dict, step: int) -> list[list[int]]:
-    """Token ids of step ``step``'s prompts (batch_size of them), at most ``prompt_tokens`` each."""
-    batch = workload["batch_size"]
-    texts = prompt_texts(batch * (step + 1))[batch * step :]
+def prompt_ids(tokenizer, workload: dict, step: int, generations: int = 1) -> list[list[int]]:
+    """Token ids of step ``step``'s prompts (batch_size of them), at most ``prompt_tokens`` each; with
+    ``generations`` k, batch_size / k distinct prompts, each k times in a row (GRPO's groups)."""
+    distinct = workload["batch_size"] // generations
+    texts = prompt_texts(distinct * (step + 1))[distinct * step :]
     limit = workload["prompt_tokens"]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"][-limit:] for t in texts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"][-limit:] for t in texts for _ in range(generations)]
+
+
+def rule_reward(prompts: list[str], completions: list[str], **_columns) -> list[float]:
+    """The GRPO benchmark's reward for every framework: the demo rule (``rlhf.demo_rule``), no reward model.
+    Main ``.venv`` only (imports ``rlhf``); the signature TRL's ``reward_funcs`` call."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from rlhf.demo_rule import rule_reward as demo_rule_reward
+
+    return demo_rule_reward(prompts, completions)
 
 
 # ---------------------------------------------------------------- timing

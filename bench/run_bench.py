@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Benchmarks: PPO, SFT and reward-model training speed and memory against what users would pick instead.
+"""Benchmarks: PPO, GRPO, SFT, reward-model and DPO training speed and memory against what users would pick instead.
 
     make bench                                   # everything, both sizes (about 10-15 min on 2 CPU cores)
     .venv/bin/python bench/run_bench.py --sizes tiny --tasks ppo
+    .venv/bin/python bench/run_bench.py --sizes tiny --tasks grpo,dpo
     BENCH_STEPS=5 BENCH_NEW_TOKENS=64 .venv/bin/python bench/run_bench.py --sizes smol
 
 What runs (each framework/config in its own fresh subprocess, so peak memory is its own):
@@ -13,20 +14,33 @@ What runs (each framework/config in its own fresh subprocess, so peak memory is 
              ref_model=None, value model initialised from the reward model (bench/.venv-trl112)
     trl0114  trl 0.11.4 ``PPOTrainer.generate/step`` + ``AutoModelForCausalLMWithValueHead`` with LoRA,
              the API the reference pipeline was written for (bench/.venv-trl0114)
+  GRPO, the same workload in two implementations (both in the main .venv, bench/ppo_ours.py --task grpo and
+    bench/grpo_trl116.py): rlhf/ppo.py with advantage_estimator="grpo" vs trl 1.16 ``GRPOTrainer``; LoRA, k
+    responses per prompt of exactly BENCH_NEW_TOKENS tokens (lengths measured and printed), the PPO rows'
+    batch / epochs / minibatches, k3 KL loss to the adapter-disabled reference, reward = the demo rule
+    (no reward model). Remaining differences: TRL shuffles the batch once per generation (ours every epoch),
+    computes token entropies in every forward and keeps its per-step metrics; its "update" column is the
+    rest of the step (Trainer loop included, so its "other" is 0).
   SFT: finetune_clm.py's pipeline vs trl 1.16 ``SFTTrainer``, packing off and on (demo data, variable length)
   RM:  reward_modeling.py's trainer vs trl 1.16 ``RewardTrainer``
+  DPO: dpo_training.py's trainer (rlhf/dpo.py) vs trl 1.16 ``DPOTrainer`` on the demo pairs, the RM rows'
+    batch (pairs) and max length, LoRA r8, sigmoid loss, beta 0.1, adapter-disabled reference. Remaining
+    differences: ours keeps LoRA dropout (dpo_training.py's default; TRL turns all dropout off), TRL's
+    log-probs come from its fused LM-head path, and the two tokenizations truncate differently (the demo
+    pairs fit the max length, so nothing is cut in practice; real tokens/s is measured).
 
 Sizes: ``tiny`` (``python -m rlhf.tiny_model``, ~170k parameters) and ``smol`` (SmolLM2-135M-Instruct in
 ``models/``). The reward model is a one-output sequence classifier built from the same base (random score
 head). Missing venvs and models are created first (install times are printed and kept in the results).
 
 Settings (flags, or environment variables for ``make bench``):
-  --sizes / BENCH_SIZES (tiny,smol)    --tasks / BENCH_TASKS (ppo,sft,rm)
+  --sizes / BENCH_SIZES (tiny,smol)    --tasks / BENCH_TASKS (ppo,grpo,sft,rm,dpo)
   --frameworks / BENCH_FRAMEWORKS (ours,trl112,trl0114)
   BENCH_BATCH (8)  BENCH_NEW_TOKENS (32)  BENCH_PPO_EPOCHS (2)  BENCH_MINIBATCHES (2)  BENCH_PROMPT_TOKENS (64)
-  BENCH_WARMUP (1)  BENCH_STEPS (3 smol / 10 tiny)
+  BENCH_WARMUP (1)  BENCH_STEPS (3 smol / 10 tiny)  BENCH_GENERATIONS (4, GRPO's k)  BENCH_GRPO_BETA (0.04)
   BENCH_THREADS (all cores; 1 on a busy shared machine: oversubscribed OpenMP threads stall each other)
-  BENCH_SFT_BATCH (4)  BENCH_SFT_LEN (256 smol / 128 tiny)  BENCH_SFT_STEPS (5 smol / 20 tiny)
+  BENCH_SFT_BATCH (4, also RM and DPO)  BENCH_SFT_LEN (256 smol / 128 tiny)  BENCH_SFT_STEPS (5 smol / 20 tiny)
+  BENCH_DPO_BETA (0.1)
   BENCH_TIMEOUT (900 s per worker)
 
 Results: one JSON per run in bench/results/ (gitignored) and bench/results/summary.json; tables on stdout.
@@ -58,7 +72,10 @@ sys.path.insert(0, str(BENCH))
 import venvs  # noqa: E402
 
 FRAMEWORK_VENV = {"ours": None, "trl112": "trl112", "trl0114": "trl0114"}
-FRAMEWORK_LABEL = {"ours": "ours (rlhf/ppo.py)", "trl112": "trl 1.12 experimental.ppo", "trl0114": "trl 0.11.4 step API"}
+FRAMEWORK_LABEL = {"ours": "ours (rlhf/ppo.py)", "trl112": "trl 1.12 experimental.ppo", "trl0114": "trl 0.11.4 step API",
+                   "trl116": "trl 1.16 GRPOTrainer"}
+TASKS = ("ppo", "grpo", "sft", "rm", "dpo")
+TRAIN_TASKS = {"sft": "tokens", "rm": "pairs", "dpo": "pairs"}  # Trainer-path tasks (bench/sft_rm.py) and their unit
 ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
        "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
 
@@ -175,11 +192,15 @@ def ppo_workload(size: str, paths: dict) -> dict:
         "steps": env_int("BENCH_STEPS", 10 if small else 3),
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         "learning_rate": 1.41e-5, "seed": 0, "threads": env_int("BENCH_THREADS", 0),
-        # SFT / RM
+        # GRPO
+        "num_generations": env_int("BENCH_GENERATIONS", 4),
+        "grpo_beta": float(os.environ.get("BENCH_GRPO_BETA") or 0.04),
+        # SFT / RM / DPO
         "sft_batch_size": env_int("BENCH_SFT_BATCH", 4),
         "sft_max_length": env_int("BENCH_SFT_LEN", 128 if small else 256),
         "sft_warmup": env_int("BENCH_SFT_WARMUP", 2),
         "sft_steps": env_int("BENCH_SFT_STEPS", 20 if small else 5),
+        "dpo_beta": float(os.environ.get("BENCH_DPO_BETA") or 0.1),
     }
 
 
@@ -218,17 +239,18 @@ def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
     from common import ppo_step_flops
 
     ours = results.get("ours", {})
-    headers = ["framework", "step s", "generate", "score", "forward", "update", "other", "best step s", "resp tok/s",
-               "peak RSS MiB", "update MFU 6N/4N", "step ours/this", "best ours/this", "mem ours/this"]
+    headers = ["framework", "step s", "generate", "score", "forward", "update", "other", "best step s", "resp len",
+               "resp tok/s", "peak RSS MiB", "update MFU 6N/4N", "step ours/this", "best ours/this", "mem ours/this"]
     rows = []
     for fw, r in results.items():
         if "error" in r:
             rows.append([FRAMEWORK_LABEL[fw], "failed: " + r["error"][:60]] + ["-"] * (len(headers) - 2))
             continue
         m = r["median"]
-        tokens = wl["batch_size"] * wl["new_tokens"]
-        flops = ppo_step_flops(r["n_params"], r["n_rm_params"], wl["batch_size"], r["prompt_len_mean"],
-                               wl["new_tokens"], wl["ppo_epochs"])
+        length = r.get("response_len_mean", wl["new_tokens"])  # measured: every worker forces new_tokens
+        tokens = wl["batch_size"] * length
+        flops = ppo_step_flops(r["n_params"], r["n_rm_params"], wl["batch_size"], r["prompt_len_mean"], length,
+                               wl["ppo_epochs"])
         update_mfu = flops["update"] / m["update_s"] / peak if m.get("update_s") else None
         mem = r["memory"]["peak_rss_mib"]
         ratio = ours["median"]["step_s"] / m["step_s"] if "median" in ours else None
@@ -241,7 +263,7 @@ def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
                         "best_step_s": best, "best_ratio_ours_over_this": best_ratio}
         rows.append([FRAMEWORK_LABEL[fw], fmt(m["step_s"]), fmt(m.get("generate_s")), fmt(m.get("score_s")),
                      fmt(m.get("forward_s")), fmt(m.get("update_s")), fmt(m.get("other_s")), fmt(best),
-                     fmt(tokens / m["step_s"], ".1f"), fmt(mem, ".0f"),
+                     fmt(length, ".1f"), fmt(tokens / m["step_s"], ".1f"), fmt(mem, ".0f"),
                      f"{100 * update_mfu:.0f}/{100 * update_mfu * 4 / 6:.0f}%" if update_mfu else "-",
                      fmt(ratio), fmt(best_ratio), fmt(mem_ratio)])
     return table(headers, rows)
@@ -291,7 +313,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--sizes", default=",".join(env_list("BENCH_SIZES", "tiny,smol")))
-    parser.add_argument("--tasks", default=",".join(env_list("BENCH_TASKS", "ppo,sft,rm")))
+    parser.add_argument("--tasks", default=",".join(env_list("BENCH_TASKS", ",".join(TASKS))))
     parser.add_argument("--frameworks", default=",".join(env_list("BENCH_FRAMEWORKS", "ours,trl112,trl0114")))
     parser.add_argument("--report", action="store_true", help="only re-print the tables of bench/results/summary.json")
     parser.add_argument("--make-rm", nargs=2, metavar=("BASE", "OUT"), help=argparse.SUPPRESS)
@@ -303,6 +325,8 @@ def main() -> None:
         make_reward_model(*args.make_rm)
         return
     sizes, tasks, frameworks = (a.split(",") for a in (args.sizes, args.tasks, args.frameworks))
+    if set(tasks) - set(TASKS):
+        raise SystemExit(f"unknown task(s) {', '.join(sorted(set(tasks) - set(TASKS)))}; use some of {','.join(TASKS)}")
     timeout = env_int("BENCH_TIMEOUT", 900)
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -316,31 +340,18 @@ def main() -> None:
     models = ensure_models(sizes)
     peak = matmul_peak()
     summary = {"machine": machine(), "matmul_peak_gflops": peak / 1e9, "install_seconds": install,
-               "torch": torch_version(), "ppo": {}, "sft": {}, "rm": {}}
+               "torch": torch_version(), **{task: {} for task in TASKS}}
     print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; venv install times: {install}\n", flush=True)
     for size in sizes:
         wl = ppo_workload(size, models[size])
         wl_path = RESULTS / f"workload-{size}.json"
         wl_path.write_text(json.dumps(wl, indent=2) + "\n")
-        if "ppo" in tasks:
+        for task in (t for t in TASKS if t in tasks):
             results = {}
-            for fw in frameworks:
-                print(f"\n=== PPO {size}: {FRAMEWORK_LABEL[fw]}", flush=True)
-                results[fw] = run_worker([python_for(fw), BENCH / f"ppo_{fw}.py", "--workload", wl_path],
-                                         RESULTS / f"ppo-{size}-{fw}.json", timeout)
-            summary["ppo"][size] = {"workload": wl, "results": results}
-        for task in ("sft", "rm"):
-            if task not in tasks:
-                continue
-            configs = [("ours", "off"), ("trl", "off"), ("ours", "on"), ("trl", "on")] if task == "sft" else \
-                [("ours", "off"), ("trl", "off")]
-            results = {}
-            for impl, packing in configs:
-                name = f"{impl}" + (f" packing={packing}" if task == "sft" else "")
-                print(f"\n=== {task.upper()} {size}: {name}", flush=True)
-                out = RESULTS / f"{task}-{size}-{impl}-packing-{packing}.json"
-                results[name] = run_worker([MAIN_PY, BENCH / "sft_rm.py", "--task", task, "--impl", impl,
-                                            "--packing", packing, "--workload", wl_path], out, timeout)
+            for name, cmd, out in task_runs(task, size, wl_path, frameworks):
+                label = FRAMEWORK_LABEL[name] if task in ("ppo", "grpo") else name
+                print(f"\n=== {task.upper()} {size}: {label}", flush=True)
+                results[name] = run_worker(cmd, out, timeout)
             summary[task][size] = {"workload": wl, "results": results}
 
     summary["wall_s"] = round(time.perf_counter() - started, 1)
@@ -348,6 +359,23 @@ def main() -> None:
     print("\n" + render(summary))
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\nbench wall time {summary['wall_s']:.0f} s; results in {RESULTS}/")
+
+
+def task_runs(task: str, size: str, wl_path: Path, frameworks: list[str]) -> list[tuple[str, list, Path]]:
+    """(result name, worker command without ``--out``, result file) of each run of ``task`` at ``size``.
+    ``frameworks`` picks the PPO implementations; the other tasks always run ours and TRL's."""
+    workload = ["--workload", wl_path]
+    if task == "ppo":
+        return [(fw, [python_for(fw), BENCH / f"ppo_{fw}.py", *workload], RESULTS / f"ppo-{size}-{fw}.json")
+                for fw in frameworks]
+    if task == "grpo":
+        return [("ours", [MAIN_PY, BENCH / "ppo_ours.py", "--task", "grpo", *workload], RESULTS / f"grpo-{size}-ours.json"),
+                ("trl116", [MAIN_PY, BENCH / "grpo_trl116.py", *workload], RESULTS / f"grpo-{size}-trl116.json")]
+    packings = ("off", "on") if task == "sft" else ("off",)
+    return [(impl + (f" packing={packing}" if task == "sft" else ""),
+             [MAIN_PY, BENCH / "sft_rm.py", "--task", task, "--impl", impl, "--packing", packing, *workload],
+             RESULTS / f"{task}-{size}-{impl}-packing-{packing}.json")
+            for packing in packings for impl in ("ours", "trl")]
 
 
 def render(summary: dict) -> str:
@@ -362,19 +390,25 @@ def render(summary: dict) -> str:
            "best = fastest measured step",
            "MFU = achieved / measured matmul peak; 6N = 6 x params x tokens (the convention); 4N = what LoRA training "
            "really computes (forward + input gradients; frozen weights get no weight gradients)", ""]
-    for size, entry in summary["ppo"].items():
-        wl = entry["workload"]
-        out.append(f"PPO, {size} (batch {wl['batch_size']}, {wl['new_tokens']} new tokens, {wl['ppo_epochs']} epochs x "
-                   f"{wl['num_minibatches']} minibatches, median of {wl['steps']} steps after {wl['warmup']} warm-up; "
-                   f"seconds per PPO step)\n" + ppo_table(entry["results"], wl, peak) + "\n")
-    for task in ("sft", "rm"):
-        for size, entry in summary[task].items():
+    for task in ("ppo", "grpo"):
+        for size, entry in summary.get(task, {}).items():
+            wl = entry["workload"]
+            batch = f"batch {wl['batch_size']}" + (
+                f" = {wl['batch_size'] // wl['num_generations']} prompts x {wl['num_generations']} responses, "
+                f"KL loss beta {wl['grpo_beta']}, reward = demo rule" if task == "grpo" else "")
+            out.append(f"{task.upper()}, {size} ({batch}, {wl['new_tokens']} new tokens, {wl['ppo_epochs']} epochs x "
+                       f"{wl['num_minibatches']} minibatches, median of {wl['steps']} steps after {wl['warmup']} warm-up; "
+                       f"seconds per {task.upper()} step)\n" + ppo_table(entry["results"], wl, peak) + "\n")
+    for task, unit in TRAIN_TASKS.items():
+        for size, entry in summary.get(task, {}).items():
             wl = entry["workload"]
             for r in entry["results"].values():
                 r.setdefault("warmup", wl["sft_warmup"])
-            out.append(f"{task.upper()}, {size} (batch {wl['sft_batch_size']}, max length {wl['sft_max_length']}, LoRA, "
-                       f"{wl['sft_steps']} steps after {wl['sft_warmup']} warm-up; speed = totals over the measured "
-                       f"steps)\n" + train_table(entry["results"], peak, "tokens" if task == "sft" else "pairs") + "\n")
+            beta = f", beta {wl['dpo_beta']}" if task == "dpo" else ""
+            out.append(f"{task.upper()}, {size} (batch {wl['sft_batch_size']}{'' if task == 'sft' else ' pairs'}, max "
+                       f"length {wl['sft_max_length']}, LoRA{beta}, {wl['sft_steps']} steps after {wl['sft_warmup']} "
+                       f"warm-up; speed = totals over the measured steps)\n" + train_table(entry["results"], peak, unit)
+                       + "\n")
     return "\n".join(out)
 
 if __name__ == "__main__":

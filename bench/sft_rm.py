@@ -1,8 +1,9 @@
-"""SFT and reward-model training benchmark worker (main ``.venv``): our pipeline vs trl 1.16's trainers.
+"""SFT, reward-model and DPO training benchmark worker (main ``.venv``): our pipeline vs trl 1.16's trainers.
 
     .venv/bin/python bench/sft_rm.py --task sft --impl ours --packing on  --workload W.json --out OUT.json
     .venv/bin/python bench/sft_rm.py --task sft --impl trl  --packing off --workload W.json --out OUT.json
     .venv/bin/python bench/sft_rm.py --task rm  --impl ours|trl --workload W.json --out OUT.json
+    .venv/bin/python bench/sft_rm.py --task dpo --impl ours|trl --workload W.json --out OUT.json
 
 Data: the demo preference data (variable length), prompts in the plain template, answer = ``chosen``.
 
@@ -13,12 +14,20 @@ Data: the demo preference data (variable length), prompts in the plain template,
   default ``bfd`` strategy (padding-free rows with position ids).
 - RM ``ours``: ``reward_modeling.py``'s pieces (``tokenize_pairs``, ``RewardPairCollator``,
   ``make_reward_trainer_class(Trainer)``); ``trl``: ``RewardTrainer`` on prompt/chosen/rejected rows.
+- DPO ``ours``: ``dpo_training.py``'s pieces (``tokenize_preferences`` with ``max_prompt_length`` = half the
+  max length, ``DPOPairCollator``, ``make_dpo_trainer_class(Trainer)``, base-model dropout off, LoRA dropout
+  kept); ``trl``: ``DPOTrainer`` on prompt/chosen/rejected rows (``disable_dropout=True``, its default).
+  Both: sigmoid loss, ``dpo_beta``, reference = the policy with its LoRA adapter disabled (one extra
+  forward without grad per batch), nothing precomputed. TRL computes the answers' log-probs through its
+  ``fused_lm_head`` path, ours from the full logits (``rlhf.dpo.answer_logps``).
 
-Equal settings: the same base model and LoRA (SFT r8/alpha16/dropout .05, RM r8/alpha32/dropout .1 on
-q/k/v/o, score head trained in full), batch size, max length, learning rate, fp32, no gradient
-checkpointing, no evaluation, logging or saving during the run. A step's time is the time between two
-``on_step_end`` callbacks (data loading included); tokens are counted by a forward pre-hook on the
-model (real tokens = attention-mask sum, or all tokens for padding-free/packed rows).
+Equal settings: the same base model and LoRA (SFT and DPO r8/alpha16/dropout .05, RM r8/alpha32/dropout .1
+on q/k/v/o, score head trained in full), batch size (pairs for RM and DPO), max length, learning rate, fp32,
+no gradient checkpointing, no evaluation, logging or saving during the run. A step's time is the time between
+two ``on_step_end`` callbacks (data loading included); tokens are counted by a forward pre-hook on the
+model when gradients are on (real tokens = attention-mask sum, or all tokens for padding-free/packed rows;
+DPO's reference forward is not counted). ``active_dropout`` in the result counts the dropout modules with
+p > 0 in the trained model.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from common import (  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["sft", "rm"], required=True)
+    parser.add_argument("--task", choices=["sft", "rm", "dpo"], required=True)
     parser.add_argument("--impl", choices=["ours", "trl"], required=True)
     parser.add_argument("--packing", choices=["on", "off"], default="off")
     parser.add_argument("--workload", required=True)
@@ -68,10 +77,14 @@ def main() -> None:
         logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     seq_lora = dict(target_modules=LORA_TARGETS, bias="none")
+    causal_lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM", **seq_lora)
+    pairs = Dataset.from_list([{"prompt": p, "chosen": r["chosen"], "rejected": r["rejected"]}
+                               for p, r in zip(prompts, rows)])
+    units_per_step = batch  # pairs (RM, DPO); SFT counts tokens only
 
     if args.task == "sft":
         model = load_causal_lm(wl["model_dir"])
-        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM", **seq_lora)
+        lora = causal_lora
         if args.impl == "ours":
             from peft import get_peft_model
             from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -96,11 +109,9 @@ def main() -> None:
             trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                  peft_config=lora)
         units_per_step = None
-    else:
+    elif args.task == "rm":
         model = load_sequence_classifier(wl["model_dir"], tokenizer)
         lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="SEQ_CLS", **seq_lora)
-        pairs = Dataset.from_list([{"prompt": p, "chosen": r["chosen"], "rejected": r["rejected"]}
-                                   for p, r in zip(prompts, rows)])
         if args.impl == "ours":
             from peft import get_peft_model
             from transformers import Trainer, TrainingArguments
@@ -122,7 +133,32 @@ def main() -> None:
             config = RewardConfig(**common_args, max_length=length)
             trainer = RewardTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
                                     peft_config=lora)
-        units_per_step = batch
+    else:
+        model = load_causal_lm(wl["model_dir"])
+        model.config.use_cache = False
+        if args.impl == "ours":
+            from peft import get_peft_model
+            from transformers import Trainer, TrainingArguments
+
+            from rlhf.dpo import DPOPairCollator, disable_dropout, make_dpo_trainer_class, tokenize_preferences
+            from rlhf.training import prepare_pair_training_args
+
+            train_set, _ = tokenize_preferences(pairs, tokenizer, length, length // 2)
+            training_args = TrainingArguments(**common_args)
+            prepare_pair_training_args(training_args)
+            disable_dropout(model)
+            trainer = make_dpo_trainer_class(Trainer)(
+                model=get_peft_model(model, causal_lora), args=training_args, train_dataset=train_set,
+                data_collator=DPOPairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                beta=wl["dpo_beta"], loss_type="sigmoid",
+            )
+        else:
+            from trl import DPOConfig, DPOTrainer
+
+            config = DPOConfig(**common_args, max_length=length, beta=wl["dpo_beta"], loss_type=["sigmoid"],
+                               disable_dropout=True, precompute_ref_log_probs=False)
+            trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer,
+                                 peft_config=causal_lora)
 
     n_params = count_params(trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -157,6 +193,7 @@ def main() -> None:
     write_result(args.out, {
         "framework": args.impl, "task": args.task, "packing": args.packing, "size": wl["size"],
         "n_params": n_params, "trainable_params": trainable, "units_per_step": units_per_step,
+        "active_dropout": sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules()),
         "steps": steps, "median": summarize_steps(steps, wl["sft_warmup"]), "memory": memory.report(),
         "throughput": throughput(steps[wl["sft_warmup"]:], units_per_step),
     })
