@@ -51,13 +51,22 @@ from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
-from rlhf.modeling import check_model_path, merge_lora, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
+from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
-from rlhf.ppo import LengthSampler, PolicyWithValueHead, PPOConfig, PPOTrainer, ValueHead, load_value_head
+from rlhf.ppo import (
+    TRAINER_STATE_FILE,
+    LengthSampler,
+    PolicyWithValueHead,
+    PPOConfig,
+    PPOTrainer,
+    ValueHead,
+    load_value_head,
+)
 from rlhf.reward import RewardScorer
 from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.tokenization import encode_text, keep_end
 from rlhf.training import StopOnSignal, already_finished, check_output_dir, resolve_resume, resume_requested
+from rlhf.zero import frozen_under_zero3, ppo_deepspeed_plugin
 
 logger = logging.getLogger("rlhf")
 
@@ -66,7 +75,6 @@ CURVE_KEYS = [
     "policy/approxkl", "policy/clipfrac", "response/length",
 ]
 WATCHED = ("objective/scores", "objective/kl", "loss/policy", "loss/value")
-TRAINER_STATE = "ppo_state.pt"
 RUN_STATE = "run_state.json"
 SUMMARY = "summary.json"
 
@@ -111,6 +119,9 @@ class ScriptArguments:
         "help": "Frozen weights (base, reference, reward model) in bfloat16; LoRA adapters, value head, optimizer, "
                 "log-probs and advantages stay fp32. Needs bf16 hardware; LoRA only."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "DeepSpeed config (configs/deepspeed/zero2.json or zero3.json): train the policy under the DeepSpeed "
+                "ZeRO engine. accelerate launch --use_deepspeed --deepspeed_config_file F works too."})
 
     def check(self) -> None:
         if self.log_with not in (None, "wandb", "tensorboard"):
@@ -246,8 +257,9 @@ def build_policy(args: ScriptArguments, config: PPOConfig, backend, resume_dir: 
     return PolicyWithValueHead(model, value_head, ref_model=ref_model)
 
 
-def build_reward(args: ScriptArguments, config: PPOConfig, backend) -> CombinedReward:
-    """The reward model (raw logit, or normalised) and/or the --reward_fn functions, weighted."""
+def build_reward(args: ScriptArguments, config: PPOConfig, backend, accelerator) -> CombinedReward:
+    """The reward model (raw logit, or normalised) and/or the --reward_fn functions, weighted. Under ZeRO-3
+    the reward model is partitioned like the policy, in its own inference engine."""
     functions = [(spec, import_reward_fn(spec)) for spec in args.reward_fn or []]
     scorer = None
     if args.reward_model_name:
@@ -257,6 +269,7 @@ def build_reward(args: ScriptArguments, config: PPOConfig, backend) -> CombinedR
         dtype = backend.torch_dtype(bf16=args.bf16)
         reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=dtype)
         reward_model.to(torch.device(backend.device)).requires_grad_(False)
+        reward_model = frozen_under_zero3(reward_model, accelerator)
         scorer = RewardScorer(reward_model, reward_tokenizer, batch_size=args.reward_batch_size,
                               max_length=args.pad_max_len or config.input_max_length + config.output_max_length,
                               normalize=args.normalize_reward, pad_to_max_length=config.pad_for_acceleration)
@@ -288,13 +301,19 @@ def finished_steps(output_dir: str) -> int | None:
     return int(json.loads(summary.read_text()).get("steps", 0))
 
 
-def save_checkpoint(trainer: PPOTrainer, output_dir: str, step: int, args: ScriptArguments) -> Path:
+def save_checkpoint(trainer: PPOTrainer, output_dir: str, step: int, args: ScriptArguments, accelerator) -> Path:
+    """``output_dir/checkpoint-<step>``, complete or absent; call on EVERY process (each writes its RNG state,
+    under DeepSpeed its part of the engine's state; the main process the weights and the PPO state)."""
     final = Path(output_dir) / f"checkpoint-{step}"
-    with atomic_directory(final) as folder:
-        trainer.policy.save_pretrained(str(folder))
-        torch.save(trainer.state_dict(), folder / TRAINER_STATE)
-        (folder / RUN_STATE).write_text(json.dumps({"step": step, "seed": trainer.config.seed}))
-    prune_checkpoints(output_dir, args.save_total_limit)
+    is_main = accelerator.is_main_process
+    barrier = accelerator.wait_for_everyone if accelerator.num_processes > 1 else None
+    with atomic_directory(final, is_main=is_main, barrier=barrier) as folder:
+        trainer.save_policy(folder)
+        trainer.save_state(folder)
+        if is_main:
+            (folder / RUN_STATE).write_text(json.dumps({"step": step, "seed": trainer.config.seed}))
+    if is_main:
+        prune_checkpoints(output_dir, args.save_total_limit)
     return final
 
 
@@ -385,7 +404,7 @@ def result_line(steps: int, result: dict) -> str:
 
 
 def main() -> None:
-    dist = setup_distributed_env()
+    dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.ppo_deepspeed_plugin below
     parsed = parse_stage_args((ScriptArguments, PPOConfig, DataArguments), False, sys.argv[1:])
     args, config, data_args = parsed.values
     backend = parsed.backend
@@ -401,6 +420,7 @@ def main() -> None:
     if args.bf16 and args.peft == "none":
         raise UserError("--bf16 with --peft none would make Adam update bfloat16 weights, which lose small updates; "
                         "use --peft lora (frozen bf16 base, fp32 adapter) or drop --bf16")
+    deepspeed_plugin = ppo_deepspeed_plugin(args.deepspeed, config, dist.world_size, backend.device)  # None: none
     if backend.is_gaudi and not config.pad_for_acceleration:
         config = dataclasses.replace(config, pad_for_acceleration=True)  # HPU graphs need static shapes
     resuming = resume_requested(args.resume_from_checkpoint)
@@ -414,14 +434,18 @@ def main() -> None:
     total_steps = min(args.steps, steps_per_epoch * args.num_train_epochs)
     if resuming and already_finished(finished_steps(args.output_dir), total_steps):
         return  # outputs left as they are; raise --steps or --num_train_epochs to train further
-    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir, required=(TRAINER_STATE,))
+    resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir, required=(TRAINER_STATE_FILE,))
 
-    reward_fn = build_reward(args, config, backend)
     policy = build_policy(args, config, backend, resume_dir)
     backend.wrap_for_generation(policy.model)
     output_dir = Path(args.output_dir)
-    accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir))
+    accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir),
+                                           deepspeed_plugin=deepspeed_plugin)
+    reward_fn = build_reward(args, config, backend, accelerator)
     trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator, mark_step=backend.mark_step())
+    if deepspeed_plugin is not None and trainer.engine is None:
+        raise UserError("DeepSpeed was asked for but the accelerator did not start its engine (this run would train "
+                        "without it); launch with torchrun, deepspeed or accelerate launch --use_deepspeed")
     length_sampler = LengthSampler(config.output_min_length, config.output_max_length) if config.output_min_length else None
 
     is_main = dist.rank == 0
@@ -431,7 +455,7 @@ def main() -> None:
             (output_dir / SUMMARY).unlink(missing_ok=True)  # a new run: a stale summary must not say it finished
     start_step = 0
     if resume_dir is not None:
-        trainer.load_state_dict(torch.load(resume_dir / TRAINER_STATE, weights_only=True))
+        trainer.load_state(resume_dir)
         start_step = checkpoint_step(resume_dir)
         logger.info("Resuming from %s at step %d", resume_dir, start_step)
     metrics_log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_dir else None) if is_main else None
@@ -491,13 +515,13 @@ def main() -> None:
             bar.set_postfix(rm_score=f"{stats['objective/raw_scores']:.3f}", kl=f"{stats['objective/kl']:.3f}",
                             eos_penalty=f"{stats['objective/eos_penalty']:.2f}")
             bar.update(1)
-            if is_main and args.save_freq and step % args.save_freq == 0:
-                save_checkpoint(trainer, args.output_dir, step, args)
+            if args.save_freq and step % args.save_freq == 0:
+                save_checkpoint(trainer, args.output_dir, step, args, accelerator)
             # Every rank stops after the same step, even if the signal reached them a step apart.
             if not all_ranks_agree(stop.signal_number is None, accelerator):
                 code = 128 + (stop.signal_number or signal.SIGTERM)
+                saved = save_checkpoint(trainer, args.output_dir, step, args, accelerator)
                 if is_main:
-                    saved = save_checkpoint(trainer, args.output_dir, step, args)
                     raise Interrupted(f"checkpoint {saved} written at step {step}; resume with the same command "
                                       "plus --resume_from_checkpoint", code)
                 raise Interrupted("stopped by signal", code)
@@ -508,17 +532,14 @@ def main() -> None:
     after = evaluate(trainer, held_out, held_out_ids, held_out_columns, "after PPO")
     if args.log_with:
         accelerator.end_training()
+    merged_dir = output_dir / "merged" if args.merge_final else None
+    trainer.save_policy(output_dir, merged_dir)  # every rank: under ZeRO-3 the weights are gathered first
     if not is_main:
         return
     rows = metrics_log.rows()
     plot = plot_curves(rows, CURVE_KEYS, output_dir / "training_curves.png", title="PPO")
-    trainer.policy.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(output_dir)
-    merged_dir = None
-    if args.merge_final:
-        merged_dir = output_dir / "merged"
-        model = merge_lora(policy.model)
-        model.save_pretrained(merged_dir)
+    if merged_dir is not None:
         tokenizer.save_pretrained(merged_dir)
     samples = [
         {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa}

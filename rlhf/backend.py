@@ -220,15 +220,19 @@ class Backend:
             return {"gaudi_config": self.gaudi_config()}
         return {}
 
-    def make_accelerator(self, **kwargs):
-        """accelerate's Accelerator, or optimum-habana's GaudiAccelerator on HPU (PPO)."""
+    def make_accelerator(self, deepspeed_plugin=None, **kwargs):
+        """accelerate's Accelerator, or optimum-habana's GaudiAccelerator on HPU (PPO); with ``deepspeed_plugin``
+        (``rlhf.zero.ppo_deepspeed_plugin``) it runs the DeepSpeed engine."""
+        if deepspeed_plugin is not None:
+            kwargs["deepspeed_plugin"] = deepspeed_plugin
         if self.is_gaudi:
             from optimum.habana.accelerate import GaudiAccelerator
 
             return GaudiAccelerator(**kwargs)
         from accelerate import Accelerator
 
-        return Accelerator(cpu=self.device == "cpu", **kwargs)
+        # cpu=True would make accelerate ignore DeepSpeed; without it a CPU-only machine still runs on CPU.
+        return Accelerator(cpu=self.device == "cpu" and deepspeed_plugin is None, **kwargs)
 
     def mark_step(self) -> Callable[[], None]:
         """The HPU lazy-mode graph cut, or a no-op elsewhere."""

@@ -1,7 +1,8 @@
 """Atomic checkpoint directories and the per-step metrics log.
 
 A checkpoint is complete only when its ``COMPLETE`` marker exists, written after everything else.
-PPO writes into a temporary sibling directory renamed into place (``atomic_directory``); the
+PPO writes into a temporary sibling directory renamed into place (``atomic_directory``; all ranks
+write into it when each saves its own state); the
 Trainer-based stages save in place and add the marker afterwards (``rlhf.training``). Either way a
 kill during a save leaves the previous checkpoint intact (older ones are pruned only after the new
 one is complete), and resume never picks a half-written one.
@@ -26,25 +27,38 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 @contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``final`` in one rename."""
+def atomic_directory(final: str | Path, *, is_main: bool = True, barrier=None) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``final`` in one rename.
+
+    Several processes writing one checkpoint: every one enters with ``barrier`` (a function all of
+    them call, e.g. ``accelerator.wait_for_everyone``); they share the temporary directory, which the
+    ``is_main`` process creates, and it is completed and renamed once all have written their files."""
     final = Path(final)
-    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
+    temporary = final.with_name(f".{final.name}.tmp" if barrier is not None else f".{final.name}.tmp-{os.getpid()}")
+    if is_main:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
+    if barrier is not None:
+        barrier()
     try:
         yield temporary
-        mark_complete(temporary)
-        if final.exists():
-            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(retired)
-            temporary.rename(final)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(final)
+        if barrier is not None:
+            barrier()  # every process's files are written
+        if is_main:
+            mark_complete(temporary)
+            if final.exists():
+                retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+                final.rename(retired)
+                temporary.rename(final)
+                shutil.rmtree(retired)
+            else:
+                temporary.rename(final)
+        if barrier is not None:
+            barrier()  # nobody goes on (or reads the checkpoint) before it is in place
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
         raise
 
 

@@ -49,6 +49,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -56,10 +57,23 @@ import torch
 import torch.nn as nn
 
 from rlhf.errors import UserError
-from rlhf.modeling import position_ids_from_mask
+from rlhf.modeling import merge_lora, position_ids_from_mask
 from rlhf.reward import pad_sequences
+from rlhf.zero import (
+    PPOEngineSteps,
+    deepspeed_engine,
+    frozen_under_zero3,
+    full_parameters,
+    gathered_state_dict,
+    is_partitioned,
+    load_engine_state,
+    plain_copy,
+    save_engine_state,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+TRAINER_STATE_FILE = "ppo_state.pt"  # in a checkpoint: step, KL controller, optimizer, rank 0's RNG
+RANK_RNG_FILE = "rng_state_{rank}.pth"  # in a checkpoint: the RNG state of each other rank
 
 # --------------------------------------------------------------------------------------------
 # Masked statistics
@@ -391,6 +405,11 @@ class PolicyWithValueHead(nn.Module):
     def is_peft(self) -> bool:
         return _is_peft_model(self.model)
 
+    @property
+    def config(self):
+        """The language model's config (accelerate sizes DeepSpeed's buckets from its hidden size)."""
+        return self.model.config
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
         logits_to_keep: int = 0,
@@ -435,19 +454,38 @@ class PolicyWithValueHead(nn.Module):
             logits = self.ref_model(**kwargs, **_keep_kwargs(self.ref_model, logits_to_keep)).logits
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
-    def save_pretrained(self, output_dir: str, **kwargs) -> None:
-        """Save the model (only the adapter for a ``PeftModel``) and, with a critic, ``value_head.safetensors``."""
+    def save_pretrained(self, output_dir: str, state_dict: Optional[dict] = None, **kwargs) -> None:
+        """Save the model (only the adapter for a ``PeftModel``) and, with a critic, ``value_head.safetensors``.
+
+        ``state_dict``: this module's weights to write instead of its own (ZeRO-3: gathered from the
+        partitions, ``rlhf.zero.gathered_state_dict``); the adapter's alone are enough for a ``PeftModel``."""
+        from rlhf.zero import check_no_placeholders
+
         os.makedirs(output_dir, exist_ok=True)
-        self.model.save_pretrained(output_dir, **kwargs)
+        if state_dict is None:
+            check_no_placeholders(self.model.state_dict(), f"the policy to {output_dir}")
+            self.model.save_pretrained(output_dir, **kwargs)
+            if self.value_head is not None:
+                save_value_head(self.value_head.state_dict(), output_dir)
+            return
+        self.model.save_pretrained(output_dir, state_dict=_submodule_state(state_dict, "model"), **kwargs)
         if self.value_head is not None:
-            save_value_head(self.value_head, output_dir)
+            save_value_head(_submodule_state(state_dict, "value_head"), output_dir)
 
 
-def save_value_head(value_head: ValueHead, output_dir: str) -> str:
+def _submodule_state(state_dict: dict, prefix: str) -> dict:
+    return {name[len(prefix) + 1 :]: tensor for name, tensor in state_dict.items() if name.startswith(prefix + ".")}
+
+
+def save_value_head(state_dict: dict, output_dir: str) -> str:
+    """Write a ``ValueHead``'s ``state_dict()`` (refusing ZeRO-3 placeholders) to ``value_head.safetensors``."""
     from safetensors.torch import save_file
 
+    from rlhf.zero import check_no_placeholders
+
+    check_no_placeholders(state_dict, "the value head")
     path = os.path.join(output_dir, VALUE_HEAD_FILE)
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, path)
     return path
 
 
@@ -708,13 +746,16 @@ class PPOTrainer:
                 "--gradient_accumulation_steps itself"
             )
         self.num_processes = accelerator.num_processes
-        _set_seed(config.seed + accelerator.process_index)
-        self._shuffle = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-
         self.model, self.optimizer = accelerator.prepare(policy, optimizer or make_optimizer(policy, config))
         self.device = accelerator.device
+        # Under DeepSpeed the engine runs backward and step, PPO ending each accumulation window.
+        self.engine = deepspeed_engine(self.model)
+        self._engine_steps = PPOEngineSteps(self.engine) if self.engine is not None else None
         if policy.ref_model is not None:
-            policy.ref_model.to(self.device)
+            policy.ref_model = frozen_under_zero3(policy.ref_model.to(self.device), accelerator)
+        # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without
+        _set_seed(config.seed + accelerator.process_index)
+        self._shuffle = torch.Generator().manual_seed(config.seed + accelerator.process_index)
         if config.adap_kl_ctrl:
             self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
         else:
@@ -771,18 +812,20 @@ class PPOTrainer:
         responses: list[torch.Tensor] = []
         step = batch_size or len(rows)
         try:
-            for i in range(0, len(rows), step):
-                chunk = rows[i : i + step]
-                if length_sampler is not None:
-                    kwargs["max_new_tokens"] = int(length_sampler())
-                width = self._prompt_width(max(r.numel() for r in chunk))
-                input_ids, mask = self._pad(chunk, width, "left")
-                output = self.policy.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-                if not isinstance(output, torch.Tensor):  # return_dict_in_generate=True
-                    output = output.sequences
-                ids, response_mask, _ = truncate_after_eos(output[:, width:], self.eos_token_id, self.pad_token_id)
-                lengths = response_mask.sum(1).tolist()
-                responses.extend(ids[j, : lengths[j]] for j in range(len(chunk)))
+            with full_parameters(self.policy.model, self.engine):  # ZeRO-3: the whole weights, gathered once
+                for i in range(0, len(rows), step):
+                    chunk = rows[i : i + step]
+                    if length_sampler is not None:
+                        kwargs["max_new_tokens"] = int(length_sampler())
+                    width = self._prompt_width(max(r.numel() for r in chunk))
+                    input_ids, mask = self._pad(chunk, width, "left")
+                    output = self.policy.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+                    if not isinstance(output, torch.Tensor):  # return_dict_in_generate=True
+                        output = output.sequences
+                    ids, response_mask, _ = truncate_after_eos(output[:, width:], self.eos_token_id,
+                                                               self.pad_token_id)
+                    lengths = response_mask.sum(1).tolist()
+                    responses.extend(ids[j, : lengths[j]] for j in range(len(chunk)))
         finally:
             self.policy.train(was_training)
             self.mark_step()
@@ -892,10 +935,16 @@ class PPOTrainer:
         return dict(zip(keys, tensor.tolist()))
 
     def _backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        if self._engine_steps is not None:
+            self._engine_steps.backward(loss)
+        else:
+            self.accelerator.backward(loss)
         self.mark_step()
 
     def _optimizer_step(self) -> float:
+        """End of an accumulation window: clip, step, zero the gradients; returns the norm before clipping."""
+        if self._engine_steps is not None:
+            return self._engine_steps.step()  # the engine clips to its gradient_clipping (= --max_grad_norm)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
@@ -1115,7 +1164,8 @@ class PPOTrainer:
         return {
             "step": self.current_step,
             "kl_ctl": self.kl_ctl.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # Under DeepSpeed the engine saves its partitioned optimizer itself (save_state).
+            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
             "rng": rng,
             "config": asdict(self.config),
         }
@@ -1127,7 +1177,11 @@ class PPOTrainer:
         given to the resumed command, such as a new ``--target``, take effect."""
         self.current_step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.engine is None:
+            raise UserError("this checkpoint was written by a DeepSpeed run (its optimizer state is the engine's); "
+                            "resume it with the same --deepspeed config")
         rng = state["rng"]
         random.setstate(_as_tuple(rng["python"]))
         kind, keys, *rest = rng["numpy"]
@@ -1136,6 +1190,53 @@ class PPOTrainer:
         self._shuffle.set_state(rng["shuffle"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+    def save_state(self, folder) -> None:
+        """Everything but the policy's weights into checkpoint ``folder``; call on EVERY process.
+
+        ``ppo_state.pt`` (main process: ``state_dict()``), ``rng_state_<rank>.pth`` (each other rank's
+        RNG: each samples and shuffles with its own) and, under DeepSpeed, the engine's own checkpoint
+        (every rank writes its optimizer partition)."""
+        folder = Path(folder)
+        state = self.state_dict()
+        if self.engine is not None:
+            save_engine_state(self.engine, folder)
+        rank = self.accelerator.process_index
+        if rank == 0:
+            torch.save(state, folder / TRAINER_STATE_FILE)
+        else:
+            torch.save({"rng": state["rng"]}, folder / RANK_RNG_FILE.format(rank=rank))
+
+    def load_state(self, folder) -> None:
+        """Restore what ``save_state`` wrote (after the policy's weights were loaded); every process."""
+        folder = Path(folder)
+        state = torch.load(folder / TRAINER_STATE_FILE, weights_only=True)
+        own_rng = folder / RANK_RNG_FILE.format(rank=self.accelerator.process_index)
+        if own_rng.is_file():  # absent for rank 0, and in checkpoints written before ranks kept their own
+            state["rng"] = torch.load(own_rng, weights_only=True)["rng"]
+        if self.engine is not None:
+            load_engine_state(self.engine, folder)
+        self.load_state_dict(state)
+
+    def save_policy(self, output_dir, merged_dir=None) -> None:
+        """The adapter (or the full weights) and value head into ``output_dir``; with ``merged_dir`` also the
+        policy with LoRA merged, for ``from_pretrained``. Call on EVERY process; the main one writes.
+
+        Under ZeRO-3 the weights are first gathered from every rank's partitions (a collective), the
+        main process holding a CPU copy: of the trained weights alone when nothing is merged."""
+        is_main = self.accelerator.is_main_process
+        partitioned = any(is_partitioned(p) for p in self.policy.parameters())
+        state = None
+        if partitioned:
+            trained_only = self.policy.is_peft and merged_dir is None
+            state = gathered_state_dict(self.policy, is_main, trainable_only=trained_only)
+        if not is_main:
+            return
+        self.policy.save_pretrained(str(output_dir), state_dict=state)
+        if merged_dir is not None:
+            model = plain_copy(self.policy.model, _submodule_state(state, "model")) if partitioned else self.policy.model
+            merge_lora(model).save_pretrained(merged_dir)
 
 
 def make_optimizer(policy: nn.Module, config: PPOConfig) -> torch.optim.Optimizer:

@@ -339,12 +339,12 @@ def full_parameters(model, engine=None):
     whose module contains ``model``; its per-module fetch/release hooks are taken off for the block
     and put back after (the same as TRL's ``unwrap_model_for_generation``). A collective: every rank
     must enter it. Each rank holds the whole model meanwhile."""
-    import deepspeed
-
     parameters = list(model.parameters())
     if not any(is_partitioned(p) for p in parameters):
         yield model
         return
+    import deepspeed
+
     offload = _parameter_offload(engine)
     with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
         if offload is not None:
@@ -392,7 +392,7 @@ def nonfinite_parameter(model) -> str | None:
 # ---------------------------------------------------------------- PPO under the DeepSpeed engine
 
 
-def ppo_deepspeed_plugin(config_file: str | None, ppo_config, num_processes: int):
+def ppo_deepspeed_plugin(config_file: str | None, ppo_config, num_processes: int, device: str):
     """accelerate's ``DeepSpeedPlugin`` for PPO, or None without DeepSpeed.
 
     From ``--deepspeed CONFIG`` or from ``accelerate launch --use_deepspeed`` (its config file or
@@ -436,6 +436,13 @@ def ppo_deepspeed_plugin(config_file: str | None, ppo_config, num_processes: int
         raise UserError(f"{source}: PPO builds its own optimizer (--learning_rate, --adafactor) and has no scheduler; "
                         "remove the optimizer and scheduler sections from the DeepSpeed config")
     stage = int(config.get("zero_optimization", {}).get("stage", 0) or 0)
+    if ppo_config.early_stopping and ppo_config.gradient_accumulation_steps > 1:
+        raise UserError(
+            f"{source} with --early_stopping and --gradient_accumulation_steps {ppo_config.gradient_accumulation_steps}: "
+            "early stopping drops the gradients of a half-accumulated window, which ZeRO has already reduced into "
+            "its partitions and cannot drop; use --gradient_accumulation_steps 1 (a larger --mini_batch_size) "
+            "or drop --early_stopping"
+        )
     micro = ppo_config.mini_batch_size
     accumulation = ppo_config.gradient_accumulation_steps
     filled = {
@@ -453,8 +460,34 @@ def ppo_deepspeed_plugin(config_file: str | None, ppo_config, num_processes: int
         config.setdefault(key, {})["enabled"] = False
     config["managed_gradient_accumulation"] = False
     config["zero_allow_untested_optimizer"] = True  # torch Adam / transformers' Adafactor, as the Trainer stages
+    _start_accelerate_deepspeed("gloo" if device == "cpu" else None)
     logger.info("DeepSpeed ZeRO stage %d (%s), %d processes", stage, source, num_processes)
     return plugin
+
+
+def _start_accelerate_deepspeed(backend: str | None) -> None:
+    """Start accelerate's process state in DeepSpeed mode (``deepspeed.comm`` included) before the
+    Accelerator is built. accelerate names a CPU process group only with ``cpu=True``, which also turns
+    DeepSpeed off; without it a CPU run would be one process per rank (no gradients shared). So the
+    state is started here with ``backend`` (gloo on CPU; None: accelerate's choice)."""
+    import os
+
+    from accelerate import PartialState
+
+    _one_process_group_env()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what accelerate launch --use_deepspeed exports
+    state = PartialState(backend=backend) if backend else PartialState()
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(f"accelerate started {state.num_processes} process(es) for a world of {os.environ['WORLD_SIZE']}")
+
+
+def frozen_under_zero3(model, accelerator):
+    """A frozen model beside PPO's policy (reference copy, reward model): under ZeRO-3 its own inference
+    engine (``inference_engine``), partitioned like the policy; otherwise ``model`` itself."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return model
+    return inference_engine(model, plugin.deepspeed_config)
 
 
 def deepspeed_engine(model):
