@@ -24,6 +24,9 @@ Usage::
     # resume after an interruption
     python rl_training.py <same flags> --resume_from_checkpoint
 
+    # DeepSpeed ZeRO-2/3 (docs/distributed.md): the engine steps when PPO ends an accumulation window
+    torchrun --nproc_per_node 8 rl_training.py <flags> --deepspeed configs/deepspeed/zero3.json
+
 Outputs in ``output_dir``: ``metrics.jsonl`` (one row per step), ``training_curves.png``,
 ``checkpoint-<step>/`` every ``--save_freq`` steps, the final adapter + ``value_head.safetensors``,
 ``merged/`` (the policy with LoRA merged, ready for ``from_pretrained``), ``summary.json`` (first the
@@ -278,7 +281,8 @@ def build_reward(args: ScriptArguments, config: PPOConfig, backend, accelerator)
 
 def reward_source(args: ScriptArguments) -> str:
     """What the raw score is, in words, for the summary and the last line."""
-    names = (["reward-model"] if args.reward_model_name else []) + [f"--reward_fn {f}" for f in args.reward_fn or []]
+    model = "reward-model (normalised with its stored mean/std)" if args.normalize_reward else "reward-model"
+    names = ([model] if args.reward_model_name else []) + [f"--reward_fn {f}" for f in args.reward_fn or []]
     return names[0] if len(names) == 1 else "weighted reward (" + " + ".join(names) + ")"
 
 

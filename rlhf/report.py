@@ -64,6 +64,7 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         "algorithm": algorithm.lower(),
         "ppo_steps": summary.get("steps"),
         "heldout_prompts": len(samples),
+        "reward_source": summary.get("result", {}).get("reward_source", "reward-model"),
         "reward_before": before.get("eval/raw_scores"),
         "reward_after": after.get("eval/raw_scores"),
         "kl_before": before.get("eval/kl"),
@@ -87,7 +88,7 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         "",
         f"| held-out metric | before {algorithm} | after {algorithm} |",
         "|---|---|---|",
-        f"| mean reward-model score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
+        f"| mean {numbers['reward_source']} score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
         f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} |",
     ]
     baseline = numbers["best_of_n"]
