@@ -30,6 +30,11 @@ The loop (``rl_training.py``), TRL 0.11 style::
     scores = trainer.score(prompt_texts, responses)     # Scores(shaped, raw, eos_penalty)
     stats = trainer.step(prompt_ids, responses, scores)
 
+Under DeepSpeed (``accelerator`` built with ``rlhf.zero.ppo_deepspeed_plugin``) the trainer drives the
+engine ``prepare`` returns: ``engine.backward`` per minibatch, ``engine.step`` (clipping included) at
+the end of each of PPO's accumulation windows, generation from gathered ZeRO-3 weights, saves gathered
+on every rank (``save_policy``) and the engine's own checkpoint (``save_state`` / ``load_state``).
+
 Every log-prob (rollout, reference, update) is ``log_softmax(logits / temperature)``, the
 distribution the responses were sampled from, and old and new log-probs come from the same
 dropout-free forward, so the ratio is exactly 1 until the first optimizer step of a PPO step.
@@ -704,7 +709,8 @@ class PPOTrainer:
         accelerator: ``accelerate.Accelerator`` (one process: free) or optimum-habana's
             ``GaudiAccelerator``, created with ``gradient_accumulation_steps=1`` (PPO accumulates
             itself). The trainer prepares policy and optimizer with it, uses its ``backward`` /
-            ``clip_grad_norm_`` and averages stats and early-stop decisions over processes.
+            ``clip_grad_norm_`` (under DeepSpeed: the engine's backward and step) and averages stats
+            and early-stop decisions over processes.
         optimizer: defaults to Adam (or Adafactor with ``config.adafactor``) on the trainable parameters.
         mark_step: called after each backward and optimizer step (HPU lazy mode); default no-op.
     """

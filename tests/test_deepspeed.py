@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3, LoRA and full fine-tune, for SFT and the reward model, really run.
+"""DeepSpeed ZeRO-2 and ZeRO-3, LoRA and full fine-tune, for SFT, the reward model, DPO and PPO, really run.
 
 Each DeepSpeed run is 2 CPU processes (gloo) on the tiny model, 3 optimizer steps, and is compared
 with a plain 2-process ``torchrun`` run of the same settings (one per stage and PEFT mode, shared by
@@ -22,8 +22,11 @@ DeepSpeed builds a C++ shared-memory comm op on first use on CPU (about 60 s); t
 ``TORCH_EXTENSIONS_DIR=<venv>/torch_extensions`` (unless already set) and the venv's ``bin`` first on
 ``PATH`` (its ninja), so it is built once per venv (``make setup`` builds it) and reused.
 
-Also here: a script that does not run under DeepSpeed (PPO) refuses a DeepSpeed launch with exit 2
-and one line, and the refusals of the Trainer stages, in-process.
+PPO (its own loop on the DeepSpeed engine) is killed with SIGKILL after its first checkpoint, resumed,
+and compared with an uninterrupted plain run (``test_ppo_zero_killed_resumed_matches_plain_run``).
+
+Also here: a DeepSpeed launch with no config is refused with exit 2 and one line (PPO in a subprocess,
+the Trainer stages in-process), and PPO's DeepSpeed config checks.
 """
 
 from __future__ import annotations
