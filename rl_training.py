@@ -567,6 +567,7 @@ def main() -> None:
                                "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}
     summary = {
         "result": result,
+        "algorithm": "ppo" if config.advantage_estimator == "gae" else config.advantage_estimator,
         "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
         "eval_before": first, "eval_after": last,

@@ -303,6 +303,7 @@ def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_pat
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"]["reward_source"] == "--reward_fn rlhf.demo_rule:rule_reward"
+    assert summary["algorithm"] == "grpo"  # the report's heading
     assert 0.0 <= summary["result"]["reward_score"]["after"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "loss/value" not in rows[0] and "loss/kl" in rows[0]
