@@ -266,8 +266,7 @@ def build_reward(args: ScriptArguments, config: PPOConfig, backend, accelerator)
     functions = [(spec, import_reward_fn(spec)) for spec in args.reward_fn or []]
     scorer = None
     if args.reward_model_name:
-        reward_path = check_model_path(args.reward_model_name, "--reward_model_name")
-        check_reward_model_config(reward_path, args.trust_remote_code)
+        reward_path = check_model_path(args.reward_model_name, "--reward_model_name")  # checked in main()
         reward_tokenizer = load_tokenizer(reward_path, trust_remote_code=args.trust_remote_code)
         dtype = backend.torch_dtype(bf16=args.bf16)
         reward_model = load_sequence_classifier(reward_path, reward_tokenizer, dtype=dtype)
@@ -440,6 +439,9 @@ def main() -> None:
         return  # outputs left as they are; raise --steps or --num_train_epochs to train further
     resume_dir = resolve_resume(args.resume_from_checkpoint, args.output_dir, required=(TRAINER_STATE_FILE,))
 
+    if args.reward_model_name:  # a reward model that is not one is refused before the policy loads
+        check_reward_model_config(check_model_path(args.reward_model_name, "--reward_model_name"),
+                                  args.trust_remote_code)
     policy = build_policy(args, config, backend, resume_dir)
     backend.wrap_for_generation(policy.model)
     output_dir = Path(args.output_dir)
