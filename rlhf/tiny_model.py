@@ -206,6 +206,20 @@ def build_tiny_model(
     return output_dir
 
 
+def build_tiny_reward_model(model_dir: str, output_dir: str, seed: int = 0) -> str:
+    """A one-output sequence classifier on ``model_dir`` (seeded random score head), saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
 def main() -> None:
     from transformers import HfArgumentParser
 

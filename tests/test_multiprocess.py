@@ -168,17 +168,9 @@ def tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reward_model(tiny_model_dir, tmp) -> str:
     """A one-output sequence classifier on the tiny model (random score head), saved with its tokenizer."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rlhf.tiny_model import build_tiny_reward_model
 
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    path = tmp / "reward_model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_reward_model(tiny_model_dir, str(tmp / "reward_model"))
 
 
 @pytest.fixture(scope="module")

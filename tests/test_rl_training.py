@@ -240,10 +240,16 @@ def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
     prompts = ["Hello there", "What is a cat?", "Tell me about Mars."]
     ids = [torch.tensor(tokenizer(p)["input_ids"]) for p in prompts]
     seen = []
-    evaluate = trainer.evaluate
-    trainer.evaluate = lambda *a, **k: seen.append(evaluate(*a, **k)) or seen[-1]
+    score_batch = trainer.score
+
+    def recording_score(texts, responses, **kwargs):
+        scores = score_batch(texts, responses, **kwargs)
+        seen.extend({"prompt": t, "raw_score": float(r)} for t, r in zip(texts, scores.raw.tolist()))
+        return scores
+
+    trainer.score = recording_score
     score = rl_training.best_of_n(trainer, prompts, ids, {}, 4)
-    samples = seen[0][1]
+    samples = seen
     assert [s["prompt"] for s in samples] == [p for p in prompts for _ in range(4)]
     best = [max(s["raw_score"] for s in samples[i * 4 : i * 4 + 4]) for i in range(3)]
     assert score == pytest.approx(sum(best) / 3)
