@@ -78,9 +78,12 @@ from rlhf.modeling import (
     count_parameters,
     load_causal_lm,
     load_model_tokenizer,
+    load_sequence_classifier,
+    load_tokenizer,
     lora_config,
 )
 from rlhf.plotting import plot_trainer_history
+from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.training import (
     RunArguments,
     check_output_dir,
@@ -122,6 +125,9 @@ class DPOArguments:
         default=0, metadata={"help": "Held-out prompts sampled before and after training for the report (0: off)."}
     )
     heldout_max_new_tokens: int = field(default=32, metadata={"help": "Longest held-out response."})
+    heldout_reward_model: str | None = field(default=None, metadata={
+        "help": "A reward model (reward_modeling.py's output) that scores the held-out responses before and after, "
+                "raw: DPO in the same table as the RL runs that used it."})
 
     def check(self) -> None:
         check_dpo_settings(self.beta, self.loss_type, self.label_smoothing)
@@ -136,6 +142,8 @@ class DPOArguments:
             )
         if self.heldout_samples < 0 or self.heldout_max_new_tokens <= 0:
             raise UserError("--heldout_samples must be >= 0 and --heldout_max_new_tokens positive")
+        if self.heldout_reward_model and not self.heldout_samples:
+            raise UserError("--heldout_reward_model scores the held-out responses; also pass --heldout_samples N")
 
 
 @dataclass
@@ -179,6 +187,9 @@ def main() -> None:
     elif dpo_args.heldout_samples:
         raise UserError("--heldout_samples needs held-out prompts; pass --validation_file or "
                         "--validation_split_percentage")
+    if dpo_args.heldout_reward_model:  # refused before any model loads
+        dpo_args.heldout_reward_model = check_model_path(dpo_args.heldout_reward_model, "--heldout_reward_model")
+        check_reward_model_config(dpo_args.heldout_reward_model, model_args.trust_remote_code, "--heldout_reward_model")
     tokenizer = load_model_tokenizer(model_args, model_path)
     template = resolve_template(data_args.prompt_template, tokenizer)
     workers = data_args.preprocessing_num_workers
@@ -246,6 +257,9 @@ def main() -> None:
                     batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed + 1234,
                     device=training_args.device)
     has_reference = lora_args.peft == "lora" or ref_model is not None
+    scorer = None
+    if dpo_args.heldout_reward_model and (trainer.is_world_process_zero() or zero == 3):
+        scorer = heldout_scorer(dpo_args, model_args.trust_remote_code, training_args.device)
     # Held-out sampling on rank 0; under ZeRO-3 on every rank (gathering the weights is a collective), the same
     # prompts and seed, rank 0 writing.
     evaluate_heldout = bool(heldout) and (trainer.is_world_process_zero() or zero == 3)
@@ -253,7 +267,7 @@ def main() -> None:
     if evaluate_heldout:
         with full_parameters(trainer.model):
             before = heldout_eval(trainer.model, trainer.ref_model, tokenizer, heldout, sampling, has_reference,
-                                  "before DPO")
+                                  "before DPO", scorer)
 
     train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
     if eval_set is not None:
@@ -261,7 +275,7 @@ def main() -> None:
     if evaluate_heldout:
         with full_parameters(trainer.model, engine=trainer.model_wrapped):
             after = heldout_eval(trainer.model, trainer.ref_model, tokenizer, heldout, sampling, has_reference,
-                                 "after DPO")
+                                 "after DPO", scorer)
     if not trainer.is_world_process_zero():
         return
     keys = (*REWARD_KEYS, *LOGP_KEYS)
@@ -274,25 +288,56 @@ def main() -> None:
                       after, plot)
 
 
-def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_reference: bool, label: str) -> dict:
-    """Sampled responses to held-out prompts, their mean length and KL to the reference."""
+def heldout_scorer(dpo_args: DPOArguments, trust_remote_code: bool, device) -> RewardScorer:
+    """The --heldout_reward_model as a raw scorer (its input cut like rl_training's: prompt + response)."""
+    path = dpo_args.heldout_reward_model
+    reward_tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    reward_model = load_sequence_classifier(path, reward_tokenizer, flag="--heldout_reward_model")
+    reward_model.to(device).requires_grad_(False)
+    return RewardScorer(reward_model, reward_tokenizer, batch_size=16,
+                        max_length=dpo_args.max_prompt_length + dpo_args.heldout_max_new_tokens)
+
+
+def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_reference: bool, label: str,
+                 scorer: RewardScorer | None = None) -> dict:
+    """Sampled responses to held-out prompts, their mean length, KL to the reference and (with a scorer)
+    the reward model's raw score."""
     responses = sample_responses(model, tokenizer, prompts, **sampling)
     metrics = {"eval/response_length": sum(len(r) for r in responses) / max(len(responses), 1)}
     if has_reference:
         metrics["eval/kl"] = heldout_kl(model, ref_model, tokenizer, prompts, responses, sampling["max_prompt_length"],
                                         sampling["batch_size"], sampling["device"])
-    logger.info("Held-out %s (%d prompts): %s", label, len(prompts), metrics)
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    return {"metrics": metrics, "responses": texts}
+    raw_scores = []
+    if scorer is not None:
+        raw_scores = scorer(prompts, texts).tolist()
+        metrics["eval/raw_scores"] = sum(raw_scores) / max(len(raw_scores), 1)
+    logger.info("Held-out %s (%d prompts): %s", label, len(prompts), metrics)
+    return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores}
+
+
+def heldout_result(before: dict, after: dict) -> dict:
+    """rl_training's ``result`` block (raw reward-model score first) for the held-out metrics that exist."""
+    def change(key: str) -> dict:
+        first, last = before.get(key), after.get(key)
+        return {"before": first, "after": last, "change": None if first is None or last is None else last - first}
+
+    score = change("eval/raw_scores")
+    return {"reward_score": score, "reward_source": "reward-model", "kl_to_reference": change("eval/kl"),
+            "response_length": change("eval/response_length"),
+            "verdict": "improved" if score["change"] > 0 else ("WORSE" if score["change"] < 0 else "unchanged")}
 
 
 def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot) -> None:
     """``eval_samples.jsonl`` and ``summary.json`` in the shape ``rlhf.report`` reads (as PPO's)."""
     samples = [{"prompt": p, "response_before": b, "response_after": a}
                for p, b, a in zip(prompts, before["responses"], after["responses"])]
+    for sample, first, last in zip(samples, before["raw_scores"], after["raw_scores"]):
+        sample.update(rm_score_before=first, rm_score_after=last)
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     summary = {
+        **({"result": heldout_result(before["metrics"], after["metrics"])} if after["raw_scores"] else {}),
         "algorithm": "dpo", "steps": steps, "backend": device,
         "eval_before": before["metrics"], "eval_after": after["metrics"], "samples": samples[:4],
         "paths": {"plot": str(plot) if plot else None, "adapter": str(output_dir),

@@ -54,7 +54,7 @@ from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
-from rlhf.modeling import check_model_path, load_causal_lm, load_config, load_sequence_classifier, load_tokenizer
+from rlhf.modeling import check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
 from rlhf.ppo import (
     TRAINER_STATE_FILE,
@@ -65,7 +65,7 @@ from rlhf.ppo import (
     ValueHead,
     load_value_head,
 )
-from rlhf.reward import RewardScorer
+from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.tokenization import encode_text, keep_end
 from rlhf.training import StopOnSignal, already_finished, check_output_dir, resolve_resume, resume_requested
@@ -285,17 +285,6 @@ def reward_source(args: ScriptArguments) -> str:
     return names[0] if len(names) == 1 else "weighted reward (" + " + ".join(names) + ")"
 
 
-def check_reward_model_config(reward_path: str, trust_remote_code: bool) -> None:
-    """A reward model is a one-output sequence classifier; refuse anything else before loading it."""
-    config = load_config(reward_path, "--reward_model_name", trust_remote_code=trust_remote_code)
-    architectures = config.architectures or []
-    if config.num_labels != 1 or not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(
-            f"--reward_model_name {reward_path} is a {'/'.join(architectures) or 'model'} with {config.num_labels} "
-            "outputs; a reward model must be a one-output sequence classifier (train it with reward_modeling.py)"
-        )
-
-
 def finished_steps(output_dir: str) -> int | None:
     """Steps of the finished run in ``output_dir`` (its summary.json), or None if none finished there."""
     summary = Path(output_dir) / SUMMARY
@@ -413,6 +402,7 @@ def result_line(steps: int, result: dict) -> str:
 
 
 def main() -> None:
+    started = time.perf_counter()
     dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.ppo_deepspeed_plugin below
     parsed = parse_stage_args((ScriptArguments, PPOConfig, DataArguments), False, sys.argv[1:])
     args, config, data_args = parsed.values
@@ -578,6 +568,7 @@ def main() -> None:
         "algorithm": "ppo" if config.advantage_estimator == "gae" else config.advantage_estimator,
         "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
+        "wall_time_s": round(time.perf_counter() - started, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": first, "eval_after": last,
         "samples": samples[: args.num_shown_samples],
         "paths": {"metrics": str(output_dir / "metrics.jsonl"), "plot": str(plot) if plot else None,

@@ -52,6 +52,8 @@ class DataArguments:
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (loaded with `datasets`)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_data_dir: str | None = field(default=None, metadata={
+        "help": "Folder of the hub dataset to load (datasets' data_dir), e.g. harmless-base of Anthropic/hh-rlhf."})
     train_file: str | None = field(default=None, metadata={"help": "Local json/jsonl/csv/parquet (.gz ok)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local held-out file."})
     validation_split_percentage: int = field(
@@ -212,13 +214,13 @@ def load_local_file(path_text: str, flag: str):
     return Dataset.from_pandas(frame, preserve_index=False)
 
 
-def load_hub_dataset(name: str, config_name: str | None):
+def load_hub_dataset(name: str, config_name: str | None, data_dir: str | None = None):
     import datasets
 
     import pyarrow
 
     try:
-        return datasets.load_dataset(name, config_name)
+        return datasets.load_dataset(name, config_name, data_dir=data_dir)
     except (datasets.exceptions.DatasetBuildError, pyarrow.lib.ArrowException) as error:
         cause = error.__cause__ or error  # DatasetGenerationError wraps the reader's error
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -240,7 +242,7 @@ def load_splits(args: DataArguments, seed: int = 42) -> tuple[Any, Any | None, s
         train, train_source = load_local_file(args.train_file, "--train_file"), args.train_file
         evaluation, eval_source = None, None
     else:
-        loaded = load_hub_dataset(args.dataset_name, args.dataset_config_name)
+        loaded = load_hub_dataset(args.dataset_name, args.dataset_config_name, args.dataset_data_dir)
         if "train" not in loaded:
             raise UserError(f"dataset {args.dataset_name!r} has no 'train' split (it has {list(loaded)})")
         train, train_source = loaded["train"], f"{args.dataset_name}[train]"

@@ -40,3 +40,32 @@ def plot_trainer_history(log_history: list[dict], output_dir: str | Path, extra_
     """Training curves of a transformers Trainer run (its `state.log_history`)."""
     keys = ["loss", "eval_loss", "learning_rate", "grad_norm", *extra_keys]
     return plot_curves(log_history, keys, Path(output_dir) / "training_curves.png")
+
+
+RUN_CURVE_KEYS = ("objective/raw_scores", "objective/kl", "response/length")
+
+
+def plot_runs(metrics_files: dict[str, Path], path: str | Path, keys: tuple[str, ...] = RUN_CURVE_KEYS) -> Path | None:
+    """Several runs on shared axes, one subplot per key: each run's ``metrics.jsonl`` (missing files skipped)."""
+    import json
+
+    runs = {name: [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+            for name, f in metrics_files.items() if Path(f).is_file()}
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for rows in runs.values() for r in rows)]
+    if not present:
+        return None
+    figure, axes = plt.subplots(1, len(present), figsize=(4.8 * len(present), 3.4), squeeze=False)
+    for axis, key in zip(axes.flat, present):
+        for name, rows in runs.items():
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.2)
+        axis.set_title(key)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -504,3 +504,19 @@ def test_dataset_name_directory_with_broken_files(name, content, fragment, tmp_p
         load_splits(DataArguments(dataset_name=str(folder)))
     message = str(error.value)
     assert "\n" not in message and "my_dataset': its files cannot be read" in message and fragment in message
+
+
+def test_dataset_data_dir_picks_one_folder_of_a_dataset(tmp_path, plain_tokenizer):
+    """--dataset_data_dir is datasets' data_dir (Anthropic/hh-rlhf's harmless-base): only that folder's rows load,
+    and hh-rlhf's implicit-prompt dialogues split into prompt / chosen / rejected."""
+    for folder, answer in (("harmless-base", "I won't help with that."), ("helpful-base", "Sure, here it is.")):
+        (tmp_path / "hh" / folder).mkdir(parents=True)
+        rows = [{"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: {answer}", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}
+                for i in range(3)]
+        (tmp_path / "hh" / folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, _, source, _ = load_splits(DataArguments(dataset_name=str(tmp_path / "hh"), dataset_data_dir="harmless-base"))
+    assert len(train) == 3 and all("won't help" in c for c in train["chosen"])
+    examples, fmt = prepare_examples(train, source, plain_tokenizer, "plain", allow_sft=False)
+    assert fmt == "implicit"
+    assert examples["prompt"][0] == "\n\nHuman: Q0?\n\nAssistant:"
+    assert examples["chosen"][0] == " I won't help with that." and examples["rejected"][0] == " No."

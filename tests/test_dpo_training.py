@@ -136,17 +136,50 @@ def sft_only_file(tmp_path) -> str:
     (["--loss_type", "ipo", "--label_smoothing", "0.1"], "not ipo"),
     (["--max_prompt_length", "96"], "leaves no room for the answer"),
     (["--heldout_samples", "4", "--validation_split_percentage", "0"], "--heldout_samples needs held-out prompts"),
+    (["--heldout_reward_model", "rm"], "--heldout_reward_model scores the held-out responses; also pass"),
+    (["--heldout_reward_model", "TINY", "--heldout_samples", "4", "--validation_file", str(TEST)],
+     "a reward model must be a one-output sequence classifier"),
     ("NO_PAIRS", "no known format in columns ['completion', 'prompt']"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys, no_model_loading, extra,
                                          fragment):
     train = sft_only_file(tmp_path) if extra == "NO_PAIRS" else str(TRAIN)
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file", train, "--output_dir", str(tmp_path / "out"),
-            *SMALL, *QUIET, *([] if extra == "NO_PAIRS" else extra)]
+            *SMALL, *QUIET, *([] if extra == "NO_PAIRS" else [tiny_model_dir if e == "TINY" else e for e in extra])]
     assert run_main(monkeypatch, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
     assert "Traceback" not in err[0]
+
+
+def test_heldout_reward_model_scores_the_responses_raw(tiny_model_dir, tmp_path, monkeypatch):
+    """--heldout_reward_model: the summary's result holds the RM's raw score of the held-out answers before
+    and after, each equal to what transformers' own sequence-classifier head gives that prompt + answer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.tiny_model import build_tiny_reward_model
+
+    reward_dir = build_tiny_reward_model(tiny_model_dir, str(tmp_path / "rm"))
+    output = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_model_dir, "--train_file", str(TRAIN), "--validation_file", str(TEST),
+            "--max_train_samples", "16", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output),
+            "--heldout_samples", "4", "--heldout_max_new_tokens", "8", "--heldout_reward_model", reward_dir,
+            *SMALL, *QUIET]
+    assert run_main(monkeypatch, argv) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    score = summary["result"]["reward_score"]
+    assert summary["result"]["reward_source"] == "reward-model"
+    assert score["change"] == pytest.approx(score["after"] - score["before"])
+    samples = [json.loads(line) for line in (output / "eval_samples.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    oracle = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    for when in ("before", "after"):
+        with torch.no_grad():
+            expected = [oracle(**tokenizer(s["prompt"] + s[f"response_{when}"], return_tensors="pt")).logits.item()
+                        for s in samples]
+        assert [s[f"rm_score_{when}"] for s in samples] == pytest.approx(expected, abs=1e-4)
+        assert score[when] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
 
 
 def test_report_reads_the_dpo_summary_without_a_reward_model(trained):

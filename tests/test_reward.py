@@ -204,6 +204,9 @@ def test_tokenize_pairs_overflow(tokenizer):
     assert max(len(ids) for ids in truncated["input_ids_chosen"]) == 32
     full = tokenizer("Question: " + "word " * 200 + "Thanks for asking.", add_special_tokens=False)["input_ids"]
     assert truncated["input_ids_chosen"][1] == full[-32:]  # the answer's end is kept
+    # the length Trainer's --train_sampling_strategy group_by_length sorts by: the longer side, as trained on
+    assert truncated["length"] == [max(len(c), len(r)) for c, r in
+                                   zip(truncated["input_ids_chosen"], truncated["input_ids_rejected"])]
     dropped, count = tokenize_pairs(rows, tokenizer, 32, "drop", "rows")
     assert count == 1 and len(dropped) == 1
     with pytest.raises(UserError, match="every pair"):

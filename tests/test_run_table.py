@@ -1,0 +1,77 @@
+"""rlhf.run_table: the comparison table reads each run's own numbers and says plainly what happened."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.errors import UserError
+from rlhf.run_table import build_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_run(directory: Path, algorithm: str, before: float, after: float, best: float | None = None,
+              steps: int = 20, wall: float | None = 600.0) -> Path:
+    directory.mkdir(parents=True)
+    result = {
+        "reward_score": {"before": before, "after": after, "change": after - before},
+        "reward_source": "reward-model",
+        "kl_to_reference": {"before": 0.0, "after": 1.25, "change": 1.25},
+        "response_length": {"before": 47.0, "after": 45.5, "change": -1.5},
+    }
+    if best is not None:
+        result["best_of_n"] = {"n": 4, "score": best, "beaten": after > best}
+    summary = {"result": result, "algorithm": algorithm, "steps": steps,
+               **({"wall_time_s": wall} if wall is not None else {})}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    rows = [{"step": s, "objective/raw_scores": before + s * 0.01, "objective/kl": 0.1 * s} for s in range(1, 4)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def test_rows_lead_with_the_raw_score_and_say_when_the_baseline_was_not_beaten(tmp_path):
+    runs = [write_run(tmp_path / "grpo-seed0", "grpo", 0.50, 0.90, best=0.80),
+            write_run(tmp_path / "grpo-seed1", "grpo", 0.60, 0.70, best=0.85),
+            write_run(tmp_path / "dpo-seed0", "dpo", 0.40, 0.30, wall=None)]
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.6912}))
+    table = build_table(runs, tmp_path / "rm")
+    assert "held-out accuracy 0.691" in table
+    assert "| grpo-seed0 | grpo | 0.500 -> 0.900 | +0.400 | 0.800 (n=4, beaten) | 1.25 | 47.0 -> 45.5 | 20 | 10.0 min |" \
+        in table
+    assert "0.850 (n=4, NOT beaten)" in table
+    assert "| dpo-seed0 | dpo | 0.400 -> 0.300 | -0.100 | n/a |" in table and "| n/a |" in table
+    assert ("- grpo: mean change +0.250 over 2 run(s), spread 0.300; raised in every run, but by less than the "
+            "runs' spread") in table
+    assert "- dpo: mean change -0.100 over 1 run(s), spread 0.000; LOWERED in every run" in table
+
+
+def test_mixed_signs_read_as_noise(tmp_path):
+    runs = [write_run(tmp_path / "ppo-seed0", "ppo", 0.5, 0.6), write_run(tmp_path / "ppo-seed1", "ppo", 0.5, 0.4)]
+    assert "mixed: not distinguishable from noise" in build_table(runs, None)
+    steady = [write_run(tmp_path / "rloo-seed0", "rloo", 0.5, 0.9), write_run(tmp_path / "rloo-seed1", "rloo", 0.5, 0.8)]
+    assert "spread 0.100; raised in every run, by more than the runs' spread" in build_table(steady, None)
+
+
+def test_a_run_without_a_reward_model_score_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "summary.json").write_text(json.dumps({"algorithm": "dpo", "eval_before": {}}))
+    with pytest.raises(UserError, match="--heldout_reward_model"):
+        build_table([tmp_path / "dpo"], None)
+    with pytest.raises(UserError, match="is .* a finished"):
+        build_table([tmp_path / "missing"], None)
+
+
+def test_cli_writes_the_table_and_one_plot_of_all_runs(tmp_path):
+    runs = [write_run(tmp_path / f"rloo-seed{s}", "rloo", 0.5, 0.7 + s / 10, best=0.6) for s in (0, 1)]
+    output = tmp_path / "table.md"
+    result = subprocess.run([sys.executable, "-m", "rlhf.run_table", "--runs", *map(str, runs), "--output", str(output)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert output.read_text() in result.stdout and "rloo-seed1" in output.read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
