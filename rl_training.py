@@ -402,7 +402,7 @@ def result_line(steps: int, result: dict) -> str:
 
 
 def main() -> None:
-    started = time.perf_counter()
+    run_started = time.perf_counter()
     dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.ppo_deepspeed_plugin below
     parsed = parse_stage_args((ScriptArguments, PPOConfig, DataArguments), False, sys.argv[1:])
     args, config, data_args = parsed.values
@@ -568,7 +568,7 @@ def main() -> None:
         "algorithm": "ppo" if config.advantage_estimator == "gae" else config.advantage_estimator,
         "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
-        "wall_time_s": round(time.perf_counter() - started, 1),  # this invocation's (a resumed run: since resuming)
+        "wall_time_s": round(time.perf_counter() - run_started, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": first, "eval_after": last,
         "samples": samples[: args.num_shown_samples],
         "paths": {"metrics": str(output_dir / "metrics.jsonl"), "plot": str(plot) if plot else None,

@@ -2,8 +2,9 @@
 
 Reads each run's own ``summary.json`` (rl_training.py, or dpo_training.py with
 ``--heldout_reward_model``) and, when given, the reward model's ``eval_results.json``; nothing is
-re-measured here. One row per run: the reward model's RAW held-out score before -> after (never
-the shaped or normalised training objective), its change, the best-of-n baseline from the starting
+re-measured here. One row per run: the reward model's held-out score before -> after in its own
+units (a run trained on the normalised score is mapped back with the RM's stored mean/std; never the
+shaped training objective), its change, the best-of-n baseline from the starting
 policy and whether the run beat it, KL to the reference, response length before -> after, steps and
 wall time. Below the rows, per algorithm, the mean change over its runs (seeds), their spread (max - min: the
 run-to-run noise) and whether the mean change exceeds it.
@@ -25,8 +26,9 @@ from statistics import mean
 
 from rlhf.errors import UserError, run_cli
 from rlhf.plotting import plot_runs
+from rlhf.reward import CONFIG_MEAN_KEY, CONFIG_STD_KEY
 
-HEADER = ("| run | algorithm | RM score before -> after (raw, held-out) | change | best-of-n (start policy) "
+HEADER = ("| run | algorithm | RM score before -> after (held-out, RM's own units) | change | best-of-n (start policy) "
           "| KL | length before -> after | steps | wall time |")
 
 
@@ -45,6 +47,31 @@ def read_summary(run_dir: Path) -> dict:
     if "reward_score" not in summary.get("result", {}):
         raise UserError(f"{path} has no reward-model score; run DPO with --heldout_reward_model RM_DIR")
     return summary
+
+
+def in_reward_model_units(summary: dict, stats: tuple[float, float] | None, run_dir: Path) -> dict:
+    """The summary with a run's normalised scores (``--normalize_reward``) mapped back to the reward model's
+    own units, so that every row (DPO's are raw) is on one scale: score * std + mean, change * std."""
+    result = summary["result"]
+    if "normalised" not in result.get("reward_source", ""):
+        return summary
+    if stats is None:
+        raise UserError(f"{run_dir} scored with the normalised reward model; pass --rm_dir (its stored mean/std) "
+                        "to put it on the reward model's own scale")
+    mean, std = stats
+    score = {k: (None if v is None else v * std + (0 if k == "change" else mean))
+             for k, v in result["reward_score"].items()}
+    converted = {**result, "reward_score": score, "reward_source": "reward-model"}
+    if result.get("best_of_n"):
+        converted["best_of_n"] = {**result["best_of_n"], "score": result["best_of_n"]["score"] * std + mean}
+    return {**summary, "result": converted}
+
+
+def reward_model_stats(rm_dir: Path) -> tuple[float, float] | None:
+    config = json.loads((rm_dir / "config.json").read_text()) if (rm_dir / "config.json").is_file() else {}
+    if CONFIG_MEAN_KEY not in config or CONFIG_STD_KEY not in config:
+        return None
+    return float(config[CONFIG_MEAN_KEY]), float(config[CONFIG_STD_KEY])
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -93,7 +120,8 @@ def noise_verdict(changes: list[float], spread: float) -> str:
 
 
 def build_table(run_dirs: list[Path], rm_dir: Path | None) -> str:
-    summaries = {run_dir.name: read_summary(run_dir) for run_dir in run_dirs}
+    stats = reward_model_stats(rm_dir) if rm_dir is not None else None
+    summaries = {run_dir.name: in_reward_model_units(read_summary(run_dir), stats, run_dir) for run_dir in run_dirs}
     lines = []
     if rm_dir is not None:
         path = rm_dir / "eval_results.json"

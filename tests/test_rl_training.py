@@ -205,6 +205,9 @@ def test_summary_leads_with_the_reward_models_raw_score(ppo_run):
     # The penalty is shown apart and is not in the reward-model score.
     penalty = result_block["eos_penalty"]
     assert summary["eval_after"]["eval/scores"] == pytest.approx(score["after"] - penalty["after"], abs=1e-5)
+    # the whole run's wall time, so at least every step's time (a loop variable once shadowed it: last step only)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["wall_time_s"] >= sum(r["time/step_s"] for r in rows)
     last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
     assert f"reward-model score {score['before']:.3f} -> {score['after']:.3f} ({result_block['verdict']}" in last_line
 

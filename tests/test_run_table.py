@@ -58,6 +58,21 @@ def test_mixed_signs_read_as_noise(tmp_path):
     assert "spread 0.100; raised in every run, by more than the runs' spread" in build_table(steady, None)
 
 
+def test_normalised_runs_are_put_back_on_the_reward_models_scale(tmp_path):
+    """A --normalize_reward run's scores z map to z * std + mean (changes: * std), so DPO's raw rows compare."""
+    run = write_run(tmp_path / "ppo-seed0", "ppo", 0.0, 0.5, best=1.0)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["result"]["reward_source"] = "reward-model (normalised with its stored mean/std)"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="pass --rm_dir"):
+        build_table([run], None)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.7}))
+    (tmp_path / "rm" / "config.json").write_text(json.dumps({"reward_mean": 2.0, "reward_std": 4.0}))
+    table = build_table([run], tmp_path / "rm")
+    assert "| ppo-seed0 | ppo | 2.000 -> 4.000 | +2.000 | 6.000 (n=4, NOT beaten) |" in table
+
+
 def test_a_run_without_a_reward_model_score_is_refused_with_the_fix(tmp_path):
     (tmp_path / "dpo").mkdir()
     (tmp_path / "dpo" / "summary.json").write_text(json.dumps({"algorithm": "dpo", "eval_before": {}}))
