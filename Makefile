@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test demo demo-tiny bench clean-outputs
+.PHONY: setup test demo demo-tiny bench clean-outputs recipe-hh
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,8 @@ demo-tiny: setup
 
 -include habana.mk
 -include bench/bench.mk
+
+# The measured recipe on real preference data (docs/recipes.md); HH_DATA: a folder with hh-rlhf's train.jsonl.
+recipe-hh: setup
+	@test -n "$(HH_DATA)" || { echo "make recipe-hh: set HH_DATA to a folder holding hh-rlhf rows (train.jsonl)" >&2; exit 2; }
+	configs/recipes/hh-rlhf/run.sh "$(HH_DATA)"

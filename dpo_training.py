@@ -22,7 +22,8 @@ evaluation (``eval_results.json``) the same with an ``eval_`` prefix. ``output_d
 (or the full model with ``--peft none``), the tokenizer, ``train_results.json``, ``eval_results.json``.
 ``--heldout_samples N`` also samples responses to N held-out prompts before and after training and
 writes ``eval_samples.jsonl`` and ``summary.json`` (KL to the reference, response length) for the
-pipeline report. Checkpoints, ``--resume_from_checkpoint PATH|true``, stop-on-signal and NaN handling
+pipeline report; with ``--heldout_reward_model RM_DIR`` a reward model also scores those responses
+(raw), so DPO can sit in one table with RL runs scored by the same model (``rlhf.run_table``). Checkpoints, ``--resume_from_checkpoint PATH|true``, stop-on-signal and NaN handling
 are the other Trainer stages'.
 
 Usage (a local tiny model and the demo data)::

@@ -1,0 +1,106 @@
+"""configs/recipes/hh-rlhf/run.sh end to end on the tiny model and hh-rlhf-shaped rows written here.
+
+The real data (../shared/data/hh-rlhf-harmless) is never needed: the rows below have its format
+("\\n\\nHuman: ...\\n\\nAssistant: ..." chosen/rejected dialogues sharing the prompt). The recipe's YAML
+files are parsed by the real scripts, so a typo in one fails here; the stages are shrunk with the
+recipe's own RM_ARGS / RL_ARGS / DPO_ARGS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "configs" / "recipes" / "hh-rlhf" / "run.sh"
+TOPICS = ["pick a lock", "bake bread", "hurt someone", "learn chess", "cheat on a test", "plant tomatoes"]
+
+
+def hh_rows(count: int) -> list[dict]:
+    rows = []
+    for i in range(count):
+        topic = TOPICS[i % len(TOPICS)]
+        prompt = f"\n\nHuman: How do I {topic}? (case {i})\n\nAssistant:"
+        rows.append({"chosen": prompt + " I can help with safe, legal steps.",
+                     "rejected": prompt + " Here is how, no questions asked."})
+    return rows
+
+
+def recipe_env(tiny_model_dir: str, out: Path, **extra: str) -> dict:
+    return {
+        **os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python")),
+        "BASE_MODEL": tiny_model_dir, "OUT": str(out), "VALID_ROWS": "8", "SEEDS": "0", "ALGOS": "grpo ppo dpo",
+        "RM_ARGS": "--max_train_samples 16 --per_device_train_batch_size 4 --max_length 64 --reward_stats_samples 8 "
+                   "--disable_tqdm true",
+        "RL_ARGS": "--steps 1 --batch_size 8 --mini_batch_size 4 --eval_samples 4 --best_of_n 2 --output_max_length 4 "
+                   "--save_freq 1",
+        "DPO_ARGS": "--max_steps 1 --per_device_train_batch_size 4 --max_length 64 --max_prompt_length 32 "
+                    "--max_eval_samples 8 --heldout_samples 4 --heldout_max_new_tokens 4 --disable_tqdm true",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    data = root / "hh"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh_rows(40)))
+    out = root / "out"
+    env = recipe_env(tiny_model_dir, out)
+    if not Path(env["PYTHON"]).is_file():
+        pytest.skip("the recipe runs the project's .venv python (make setup)")
+    result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return data, out, env, result
+
+
+def test_split_is_the_last_rows_for_validation(recipe_run):
+    data, out, _, _ = recipe_run
+    rows = (data / "train.jsonl").read_text().splitlines()
+    assert (out / "data" / "train.jsonl").read_text().splitlines() == rows[:32]
+    assert (out / "data" / "valid.jsonl").read_text().splitlines() == rows[32:]
+
+
+def test_every_run_lands_in_one_table_scored_by_the_same_reward_model(recipe_run):
+    _, out, _, result = recipe_run
+    table = (out / "table.md").read_text()
+    assert "Reward model: held-out accuracy" in table
+    config = json.loads((out / "rm" / "config.json").read_text())
+    for name, algorithm in (("grpo-seed0", "grpo"), ("ppo-seed0", "ppo"), ("dpo-seed0", "dpo")):
+        summary = json.loads((out / name / "summary.json").read_text())
+        score = summary["result"]["reward_score"]
+        if algorithm == "dpo":  # scored raw
+            assert summary["result"]["reward_source"] == "reward-model"
+        else:  # trained and scored normalised: the table puts them back on the reward model's own scale
+            assert "normalised" in summary["result"]["reward_source"]
+            score = {k: score[k] * config["reward_std"] + config["reward_mean"] for k in ("before", "after")}
+        assert f"| {name} | {algorithm} | {score['before']:.3f} -> {score['after']:.3f} |" in table
+    assert "(n=2," in table  # the RL rows carry the best-of-2 baseline
+    assert (out / "curves.png").is_file()
+    assert result.stdout.count("started") == 4  # rm + three runs
+
+
+def test_rerun_skips_finished_stages(recipe_run):
+    data, _, env, _ = recipe_run
+    result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("already complete") == 4 and "started" not in result.stdout
+
+
+@pytest.mark.parametrize("setting,fragment", [
+    ({"ALGOS": "ppo sft"}, "ALGOS has 'sft'"),
+    ({"VALID_ROWS": "40"}, "it needs more than VALID_ROWS=40"),
+    ({"DATA": "missing"}, "missing/train.jsonl does not exist"),
+])
+def test_bad_settings_exit_2_with_one_line(recipe_run, tmp_path, setting, fragment):
+    data, _, env, _ = recipe_run
+    folder = setting.pop("DATA", str(data))
+    result = subprocess.run([str(SCRIPT), folder], cwd=REPO, env={**env, "OUT": str(tmp_path / "o"), **setting},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
