@@ -88,6 +88,10 @@ for algo in $ALGOS; do
             cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$BASE_MODEL" --seed "$seed"
                  --reward_model_name "$OUT/rm" "${DATA[@]}" ${RL_ARGS:-})
         fi
+        if [ "$algo" = dpo ]; then  # one DPO run at a time: each peaks near 10 GB (two were OOM-killed on 24 GiB)
+            OMP_NUM_THREADS=$threads stage "$name" "$OUT/$name" "${cmd[@]}" || true
+            continue
+        fi
         OMP_NUM_THREADS=$threads stage "$name" "$OUT/$name" "${cmd[@]}" &
         while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     done
