@@ -84,6 +84,7 @@ from rlhf.modeling import (
     lora_config,
 )
 from rlhf.plotting import plot_trainer_history
+from rlhf.report import heldout_result
 from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.training import (
     RunArguments,
@@ -317,18 +318,6 @@ def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_refer
     return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores}
 
 
-def heldout_result(before: dict, after: dict) -> dict:
-    """rl_training's ``result`` block (raw reward-model score first) for the held-out metrics that exist."""
-    def change(key: str) -> dict:
-        first, last = before.get(key), after.get(key)
-        return {"before": first, "after": last, "change": None if first is None or last is None else last - first}
-
-    score = change("eval/raw_scores")
-    return {"reward_score": score, "reward_source": "reward-model", "kl_to_reference": change("eval/kl"),
-            "response_length": change("eval/response_length"),
-            "verdict": "improved" if score["change"] > 0 else ("WORSE" if score["change"] < 0 else "unchanged")}
-
-
 def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot) -> None:
     """``eval_samples.jsonl`` and ``summary.json`` in the shape ``rlhf.report`` reads (as PPO's)."""
     samples = [{"prompt": p, "response_before": b, "response_after": a}
@@ -338,7 +327,7 @@ def write_summary(output_dir: Path, steps: int, device: str, prompts, before: di
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     summary = {
-        **({"result": heldout_result(before["metrics"], after["metrics"])} if after["raw_scores"] else {}),
+        **({"result": heldout_result(before["metrics"], after["metrics"], "reward-model")} if after["raw_scores"] else {}),
         "algorithm": "dpo", "steps": steps, "backend": device,
         "eval_before": before["metrics"], "eval_after": after["metrics"], "samples": samples[:4],
         "paths": {"plot": str(plot) if plot else None, "adapter": str(output_dir),

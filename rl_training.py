@@ -65,6 +65,7 @@ from rlhf.ppo import (
     ValueHead,
     load_value_head,
 )
+from rlhf.report import heldout_result
 from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.tokenization import encode_text, keep_end
@@ -369,18 +370,6 @@ def warn_if_eos_penalty_dominates(before: dict, config: PPOConfig) -> None:
             "or drop the penalty", 100 * unfinished, config.output_max_length, penalty)
 
 
-def before_after(before: dict, after: dict, key: str) -> dict:
-    first, last = before.get(key), after.get(key)
-    change = None if first is None or last is None else last - first
-    return {"before": first, "after": last, "change": change}
-
-
-def verdict(change: float | None) -> str:
-    if change is None:
-        return "not evaluated"
-    return "improved" if change > 0 else ("WORSE" if change < 0 else "unchanged")
-
-
 def result_line(steps: int, result: dict) -> str:
     """The run's last line: the raw held-out reward (the reward model's score) first, the penalty apart from it."""
     score, kl, penalty, length = (result[k] for k in ("reward_score", "kl_to_reference", "eos_penalty",
@@ -551,15 +540,8 @@ def main() -> None:
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     first, last = before.get("metrics", {}), after["metrics"]
-    result = {
-        "reward_score": before_after(first, last, "eval/raw_scores"),
-        "reward_source": reward_source(args),
-        "kl_to_reference": before_after(first, last, "eval/kl"),
-        "response_length": before_after(first, last, "eval/response_length"),
-        "eos_penalty": before_after(first, last, "eval/eos_penalty"),
-        "training_score": before_after(first, last, "eval/scores"),
-    }
-    result["verdict"] = verdict(result["reward_score"]["change"])
+    result = heldout_result(first, last, reward_source(args),
+                            extra={"eos_penalty": "eval/eos_penalty", "training_score": "eval/scores"})
     if "best_of_n" in before and result["reward_score"]["after"] is not None:
         result["best_of_n"] = {**before["best_of_n"],
                                "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}

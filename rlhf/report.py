@@ -26,6 +26,30 @@ from rlhf.demo_rule import check_response, extract_question
 from rlhf.errors import UserError, run_cli
 
 
+def before_after(before: dict, after: dict, key: str) -> dict:
+    first, last = before.get(key), after.get(key)
+    change = None if first is None or last is None else last - first
+    return {"before": first, "after": last, "change": change}
+
+
+def verdict(change: float | None) -> str:
+    if change is None:
+        return "not evaluated"
+    return "improved" if change > 0 else ("WORSE" if change < 0 else "unchanged")
+
+
+def heldout_result(before: dict, after: dict, reward_source: str, extra: dict[str, str] | None = None) -> dict:
+    """The ``result`` block of a run's ``summary.json`` (rl_training and dpo_training write it, this module
+    reads it): the held-out raw reward score first, KL and length beside it, ``extra`` (name -> metric key)
+    after them, and the verdict on the raw score. ``before``/``after`` are held-out metric dicts."""
+    keys = {"reward_score": "eval/raw_scores", "kl_to_reference": "eval/kl",
+            "response_length": "eval/response_length", **(extra or {})}
+    result = {name: before_after(before, after, key) for name, key in keys.items()}
+    result = {"reward_score": result.pop("reward_score"), "reward_source": reward_source, **result}
+    result["verdict"] = verdict(result["reward_score"]["change"])
+    return result
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is missing; run that stage first")
