@@ -61,6 +61,7 @@ from rlhf.reward import (
     OVERFLOW_CHOICES,
     RewardPairCollator,
     find_score_head,
+    longest_first,
     make_reward_trainer_class,
     reward_metrics,
     reward_stats_sample,
@@ -162,6 +163,7 @@ def main() -> None:
             eval_set, eval_overlong = tokenize_pairs(
                 eval_text, tokenizer, rm_args.max_length, rm_args.overflow, eval_source, workers
             )
+            eval_set = longest_first(eval_set)
             report.append(("evaluation", eval_overlong, len(eval_text)))
     action = "dropped" if rm_args.overflow == "drop" else "truncated (their end kept)"
     for split, count, total in report:
@@ -200,7 +202,7 @@ def main() -> None:
     if do_train:
         train_and_save(trainer, training_args, resume, len(train_set), tokenizer)
         stats_set = reward_stats_sample(train_set, rm_args.reward_stats_samples, training_args.seed)
-        stats = trainer.predict(stats_set, metric_key_prefix="train_scores").metrics
+        stats = trainer.predict(longest_first(stats_set), metric_key_prefix="train_scores").metrics
         mean, std = stats["train_scores_score_mean"], stats["train_scores_score_std"]
         sampled = (f"a random sample (seed {training_args.seed}; --reward_stats_samples 0 for all)"
                    if len(stats_set) < len(train_set) else "all of them")

@@ -19,6 +19,7 @@ from rlhf.reward import (
     RewardScorer,
     find_score_head,
     last_token_index,
+    longest_first,
     make_reward_trainer_class,
     pad_sequences,
     pairwise_loss,
@@ -308,6 +309,28 @@ def test_reward_trainer_loss_and_prediction_step(classifier, tokenizer, tmp_path
     torch.testing.assert_close(predictions[:, 0], scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(predictions[:, 1], scores.roll(-1), atol=1e-5, rtol=0)
     assert trainer.prediction_step(classifier, batch, prediction_loss_only=True)[1] is None
+
+
+def test_longest_first_scores_the_same_pairs_to_the_same_metrics(classifier, tokenizer, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    rows = Dataset.from_list([
+        {"prompt": "Question: " + "long " * n + "?\n\nAnswer: ", "chosen": "Happy to help." * (n % 3 + 1),
+         "rejected": "no" * (n % 4 + 1)} for n in (3, 40, 1, 17, 25, 8)
+    ])
+    pairs, _ = tokenize_pairs(rows, tokenizer, 64, "truncate", "rows")
+    ordered = longest_first(pairs)
+    assert ordered["length"] == sorted(pairs["length"], reverse=True) and len(ordered) == len(pairs)
+    assert sorted(ordered["input_ids_chosen"]) == sorted(pairs["input_ids_chosen"])
+    assert longest_first(pairs.remove_columns("length")).column_names == [c for c in pairs.column_names if c != "length"]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False,
+                             per_device_eval_batch_size=2)
+    trainer = make_reward_trainer_class(Trainer)(model=classifier, args=args, data_collator=RewardPairCollator(tokenizer),
+                                                 compute_metrics=reward_metrics)
+    as_given, sorted_ = (trainer.evaluate(data) for data in (pairs, ordered))
+    for key in ("eval_accuracy", "eval_mean_margin", "eval_score_mean", "eval_score_std"):
+        assert sorted_[key] == pytest.approx(as_given[key], abs=1e-5), key
 
 
 # ---------------------------------------------------------------- the one padding helper
