@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def heldout_prompts(dataset, count: int) -> list[str]:
 
 
 def main() -> None:
+    run_started = time.perf_counter()
     dist = setup_distributed_env(supports_deepspeed=True)  # DeepSpeed: rlhf.zero.prepare_deepspeed below
     parsed = parse_stage_args(
         (ModelArguments, DPODataArguments, DPOArguments, LoraArguments, RunArguments), True, sys.argv[1:]
@@ -287,7 +289,7 @@ def main() -> None:
                 "adapter" if lora_args.peft == "lora" else "model", training_args.output_dir, plot)
     if after is not None:
         write_summary(Path(training_args.output_dir), trainer.state.global_step, backend.device, heldout, before,
-                      after, plot)
+                      after, plot, wall_time_s=time.perf_counter() - run_started)
 
 
 def heldout_scorer(dpo_args: DPOArguments, trust_remote_code: bool, device) -> RewardScorer:
@@ -318,7 +320,8 @@ def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_refer
     return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores}
 
 
-def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot) -> None:
+def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot,
+                  wall_time_s: float) -> None:
     """``eval_samples.jsonl`` and ``summary.json`` in the shape ``rlhf.report`` reads (as PPO's)."""
     samples = [{"prompt": p, "response_before": b, "response_after": a}
                for p, b, a in zip(prompts, before["responses"], after["responses"])]
@@ -329,6 +332,7 @@ def write_summary(output_dir: Path, steps: int, device: str, prompts, before: di
     summary = {
         **({"result": heldout_result(before["metrics"], after["metrics"], "reward-model")} if after["raw_scores"] else {}),
         "algorithm": "dpo", "steps": steps, "backend": device,
+        "wall_time_s": round(wall_time_s, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": before["metrics"], "eval_after": after["metrics"], "samples": samples[:4],
         "paths": {"plot": str(plot) if plot else None, "adapter": str(output_dir),
                   "eval_samples": str(output_dir / "eval_samples.jsonl")},

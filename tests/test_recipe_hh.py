@@ -85,11 +85,15 @@ def test_every_run_lands_in_one_table_scored_by_the_same_reward_model(recipe_run
     assert result.stdout.count("started") == 4  # rm + three runs
 
 
-def test_rerun_skips_finished_stages(recipe_run):
-    data, _, env, _ = recipe_run
-    result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_rerun_skips_finished_stages_and_keeps_every_run_in_the_table(recipe_run):
+    data, out, env, _ = recipe_run
+    result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env={**env, "ALGOS": "grpo"}, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("already complete") == 4 and "started" not in result.stdout
+    assert result.stdout.count("already complete") == 2 and "started" not in result.stdout  # rm, grpo-seed0
+    table = (out / "table.md").read_text()
+    for name in ("grpo-seed0", "ppo-seed0", "dpo-seed0"):  # earlier runs stay in the table
+        assert f"| {name} |" in table
 
 
 @pytest.mark.parametrize("setting,fragment", [

@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(directory: Path, algorithm: str, before: float, after: float, best: float | None = None,
-              steps: int = 20, wall: float | None = 600.0) -> Path:
+              steps: int = 20, wall: float | None = 600.0, per_prompt_changes: list[float] | None = None) -> Path:
+    """A finished run's files; ``per_prompt_changes``: eval_samples.jsonl rows whose scores move by these
+    (their mean should be after - before, as a real run's are)."""
     directory.mkdir(parents=True)
+    if per_prompt_changes is not None:
+        rows = [{"prompt": f"p{i}", "rm_score_before": before, "rm_score_after": before + c}
+                for i, c in enumerate(per_prompt_changes)]
+        (directory / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = {
         "reward_score": {"before": before, "after": after, "change": after - before},
         "reward_source": "reward-model",
@@ -58,9 +64,24 @@ def test_mixed_signs_read_as_noise(tmp_path):
     assert "spread 0.100; raised in every run, by more than the runs' spread" in build_table(steady, None)
 
 
+def test_change_carries_its_paired_standard_error_and_the_verdict_weighs_it(tmp_path):
+    """s.e. = stdev(after - before per prompt) / sqrt(prompts); an algorithm's = sqrt(sum s.e.^2) / runs."""
+    steady = [write_run(tmp_path / "rloo-seed0", "rloo", 0.5, 0.75, per_prompt_changes=[0.1, 0.3, 0.2, 0.4]),
+              write_run(tmp_path / "rloo-seed1", "rloo", 0.5, 0.75, per_prompt_changes=[0.2, 0.3, 0.25, 0.25])]
+    table = build_table(steady, None)
+    assert "| +0.250 +- 0.065 |" in table and "| +0.250 +- 0.020 |" in table
+    assert ("- rloo: mean change +0.250 +- 0.034 over 2 run(s), spread 0.000; raised in every run, by more than "
+            "the runs' spread; beyond twice the evaluation's standard error (0.068)") in table
+    noisy = [write_run(tmp_path / "grpo-seed0", "grpo", 0.5, 0.7, per_prompt_changes=[1.0, -0.5, 0.5, -0.2]),
+             write_run(tmp_path / "grpo-seed1", "grpo", 0.5, 0.71, per_prompt_changes=[1.0, -0.5, 0.5, -0.16])]
+    line = next(l for l in build_table(noisy, None).splitlines() if l.startswith("- grpo"))
+    assert "raised in every run, by more than the runs' spread; within twice" in line
+    assert line.endswith("not distinguishable from evaluation noise")
+
+
 def test_normalised_runs_are_put_back_on_the_reward_models_scale(tmp_path):
     """A --normalize_reward run's scores z map to z * std + mean (changes: * std), so DPO's raw rows compare."""
-    run = write_run(tmp_path / "ppo-seed0", "ppo", 0.0, 0.5, best=1.0)
+    run = write_run(tmp_path / "ppo-seed0", "ppo", 0.0, 0.5, best=1.0, per_prompt_changes=[0.25, 0.75])
     summary = json.loads((run / "summary.json").read_text())
     summary["result"]["reward_source"] = "reward-model (normalised with its stored mean/std)"
     (run / "summary.json").write_text(json.dumps(summary))
@@ -70,7 +91,8 @@ def test_normalised_runs_are_put_back_on_the_reward_models_scale(tmp_path):
     (tmp_path / "rm" / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.7}))
     (tmp_path / "rm" / "config.json").write_text(json.dumps({"reward_mean": 2.0, "reward_std": 4.0}))
     table = build_table([run], tmp_path / "rm")
-    assert "| ppo-seed0 | ppo | 2.000 -> 4.000 | +2.000 | 6.000 (n=4, NOT beaten) |" in table
+    # s.e. in normalised units stdev(0.25, 0.75) / sqrt(2) = 0.25, times std 4
+    assert "| ppo-seed0 | ppo | 2.000 -> 4.000 | +2.000 +- 1.000 | 6.000 (n=4, NOT beaten) |" in table
 
 
 def test_a_run_without_a_reward_model_score_is_refused_with_the_fix(tmp_path):

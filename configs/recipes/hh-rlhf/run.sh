@@ -76,11 +76,11 @@ grep -h "eval_accuracy" "$OUT/rm/eval_results.json" || true
 
 # The policy runs: JOBS at a time; with JOBS > 1 each gets an equal share of the cores.
 threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
-runs=() names=()
+names=()
 for algo in $ALGOS; do
     for seed in $SEEDS; do
         name=$algo-seed$seed
-        runs+=("$OUT/$name") names+=("$name")
+        names+=("$name")
         if [ "$algo" = dpo ]; then
             cmd=("$PY" dpo_training.py "$RECIPE/dpo.yaml" --model_name_or_path "$BASE_MODEL" --seed "$seed"
                  --heldout_reward_model "$OUT/rm" "${DATA[@]}" ${DPO_ARGS:-})
@@ -104,4 +104,7 @@ for name in "${names[@]}"; do
     fi
 done
 
+# The table: every finished run in OUT, this invocation's and those of earlier ones with other ALGOS or SEEDS.
+runs=()
+for done in "$OUT"/.done-*-seed*; do [ -e "$done" ] && runs+=("$OUT/${done##*/.done-}"); done
 "$PY" -m rlhf.run_table --rm_dir "$OUT/rm" --runs "${runs[@]}" --output "$OUT/table.md"
