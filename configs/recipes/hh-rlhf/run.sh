@@ -67,7 +67,8 @@ stage() {
         echo "recipe-hh: stage '$name' failed with exit code $code (log: $OUT/logs/$name.log); re-run to resume" >&2
         return "$code"
     fi
-    echo "== [$name] done in $((SECONDS - start)) s: $(grep -o 'Done: .*' "$OUT/logs/$name.log" | tail -n 1)"
+    local result; result=$(grep -o 'Done: .*' "$OUT/logs/$name.log" | tail -n 1 || true)
+    echo "== [$name] done in $((SECONDS - start)) s${result:+: $result}"
     touch "$OUT/.done-$name"
 }
 
