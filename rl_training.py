@@ -462,7 +462,7 @@ def main() -> None:
     if resume_dir is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
-        before = evaluate(trainer, held_out, held_out_ids, held_out_columns, "before PPO")
+        before = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"before {config.algorithm}")
         if args.best_of_n and held_out:
             before["best_of_n"] = {"n": args.best_of_n, "score": best_of_n(
                 trainer, held_out, held_out_ids, held_out_columns, args.best_of_n)}
@@ -470,11 +470,11 @@ def main() -> None:
             before_file.write_text(json.dumps(before))
     warn_if_eos_penalty_dominates(before, config)
 
-    logger.info("PPO: %d steps of %d rollouts x %d processes (%d prompts per process)",
-                total_steps, config.batch_size, dist.world_size, len(prompts))
+    logger.info("%s: %d steps of %d rollouts x %d processes (%d prompts per process)",
+                config.algorithm, total_steps, config.batch_size, dist.world_size, len(prompts))
     stop = StopOnSignal()
     stop.install()
-    bar = tqdm(total=total_steps, initial=start_step, desc="PPO", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc=config.algorithm, disable=not is_main, dynamic_ncols=True)
     step = start_step
     try:
         while step < total_steps:
@@ -520,7 +520,7 @@ def main() -> None:
         stop.restore()
         bar.close()  # before any one-line exit message, so it is not glued to the bar
 
-    after = evaluate(trainer, held_out, held_out_ids, held_out_columns, "after PPO")
+    after = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"after {config.algorithm}")
     if args.log_with:
         accelerator.end_training()
     merged_dir = output_dir / "merged" if args.merge_final else None
@@ -528,7 +528,7 @@ def main() -> None:
     if not is_main:
         return
     rows = metrics_log.rows()
-    plot = plot_curves(rows, CURVE_KEYS, output_dir / "training_curves.png", title="PPO")
+    plot = plot_curves(rows, CURVE_KEYS, output_dir / "training_curves.png", title=config.algorithm)
     tokenizer.save_pretrained(output_dir)
     if merged_dir is not None:
         tokenizer.save_pretrained(merged_dir)

@@ -650,6 +650,11 @@ class PPOConfig:
         return self.advantage_estimator == "gae"
 
     @property
+    def algorithm(self) -> str:
+        """The method's name for logs, progress bars and plot titles: PPO, GRPO or RLOO."""
+        return "PPO" if self.advantage_estimator == "gae" else self.advantage_estimator.upper()
+
+    @property
     def prompts_per_step(self) -> int:
         return self.batch_size // self.num_generations
 

@@ -202,6 +202,12 @@ def test_valid_config_batch_semantics():
     assert cfg.backward_batch_size == 8
 
 
+@pytest.mark.parametrize("estimator, name", [("gae", "PPO"), ("grpo", "GRPO"), ("rloo", "RLOO")])
+def test_config_names_its_algorithm_for_logs_and_plots(estimator, name):
+    cfg = PPOConfig(advantage_estimator=estimator, num_generations=1 if estimator == "gae" else 2)
+    assert cfg.algorithm == name
+
+
 # ------------------------------------------------------------------ tiny model fixtures
 
 LORA_TARGETS = ["q_proj", "v_proj", "lm_head"]  # lm_head: a random-init model has no shared

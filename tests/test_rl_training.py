@@ -313,6 +313,7 @@ def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"]["reward_source"] == "--reward_fn rlhf.demo_rule:rule_reward"
     assert summary["algorithm"] == "grpo"  # the report's heading
+    assert "GRPO: 2 steps of 4 rollouts" in result.stderr and "PPO:" not in result.stderr
     assert 0.0 <= summary["result"]["reward_score"]["after"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "loss/value" not in rows[0] and "loss/kl" in rows[0]
