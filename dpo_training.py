@@ -289,7 +289,7 @@ def main() -> None:
                 "adapter" if lora_args.peft == "lora" else "model", training_args.output_dir, plot)
     if after is not None:
         write_summary(Path(training_args.output_dir), trainer.state.global_step, backend.device, heldout, before,
-                      after, plot, wall_time_s=time.perf_counter() - run_started)
+                      after, plot, wall_time_s=time.perf_counter() - run_started, precision=precision_name(training_args))
 
 
 def heldout_scorer(dpo_args: DPOArguments, trust_remote_code: bool, device) -> RewardScorer:
@@ -320,8 +320,12 @@ def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_refer
     return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores}
 
 
+def precision_name(training_args) -> str:
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
 def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot,
-                  wall_time_s: float) -> None:
+                  wall_time_s: float, precision: str) -> None:
     """``eval_samples.jsonl`` and ``summary.json`` in the shape ``rlhf.report`` reads (as PPO's)."""
     samples = [{"prompt": p, "response_before": b, "response_after": a}
                for p, b, a in zip(prompts, before["responses"], after["responses"])]
@@ -331,7 +335,7 @@ def write_summary(output_dir: Path, steps: int, device: str, prompts, before: di
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     summary = {
         **({"result": heldout_result(before["metrics"], after["metrics"], "reward-model")} if after["raw_scores"] else {}),
-        "algorithm": "dpo", "steps": steps, "backend": device,
+        "algorithm": "dpo", "steps": steps, "backend": device, "precision": precision,
         "wall_time_s": round(wall_time_s, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": before["metrics"], "eval_after": after["metrics"], "samples": samples[:4],
         "paths": {"plot": str(plot) if plot else None, "adapter": str(output_dir),

@@ -550,6 +550,7 @@ def main() -> None:
         "algorithm": "ppo" if config.advantage_estimator == "gae" else config.advantage_estimator,
         "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
+        "precision": "bf16" if args.bf16 else "fp32",
         "wall_time_s": round(time.perf_counter() - run_started, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": first, "eval_after": last,
         "samples": samples[: args.num_shown_samples],

@@ -34,7 +34,7 @@ from rlhf.reward import CONFIG_MEAN_KEY, CONFIG_STD_KEY
 
 HEADER = ("| run | algorithm | RM score before -> after (held-out, RM's own units) | change (+- s.e.) "
           "| best-of-n (start policy) "
-          "| KL | length before -> after | steps | wall time |")
+          "| KL | length before -> after | steps | wall time | precision |")
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_row(name: str, summary: dict) -> str:
     cells = (name, summary.get("algorithm", "?"), f"{fmt(score['before'])} -> {fmt(score['after'])}",
              change, best, fmt(kl["after"], 2),
              f"{fmt(length['before'], 1)} -> {fmt(length['after'], 1)}", str(summary.get("steps", "?")),
-             "n/a" if wall is None else f"{wall / 60:.1f} min")
+             "n/a" if wall is None else f"{wall / 60:.1f} min", summary.get("precision", "n/a"))
     return "| " + " | ".join(cells) + " |"
 
 

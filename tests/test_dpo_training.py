@@ -79,7 +79,7 @@ def test_cli_writes_adapter_tokenizer_metrics_and_plot(trained):
 def test_cli_writes_the_heldout_summary_the_report_reads(trained):
     output, _ = trained
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["algorithm"] == "dpo" and summary["steps"] == 4
+    assert summary["algorithm"] == "dpo" and summary["steps"] == 4 and summary["precision"] == "fp32"
     assert 0 < summary["wall_time_s"] < 3600  # the whole invocation, for the recipe table's wall-time column
     # Before training the LoRA policy IS the reference: zero KL.
     assert summary["eval_before"]["eval/kl"] == pytest.approx(0.0, abs=1e-4)

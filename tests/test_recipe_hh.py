@@ -85,6 +85,18 @@ def test_every_run_lands_in_one_table_scored_by_the_same_reward_model(recipe_run
     assert result.stdout.count("started") == 4  # rm + three runs
 
 
+def test_precision_follows_the_hardware_and_reaches_every_stage(recipe_run):
+    from rlhf.backend import bf16_supported
+
+    _, out, _, result = recipe_run
+    bf16 = bf16_supported("cpu")  # BF16=auto: bf16 where the CPU computes in it (AMX/AVX512-BF16), else fp32
+    assert ("== precision: bf16" in result.stdout) == bf16
+    for name in ("grpo-seed0", "ppo-seed0", "dpo-seed0"):
+        assert json.loads((out / name / "summary.json").read_text())["precision"] == ("bf16" if bf16 else "fp32")
+    assert ("Precision: bf16 autocast" in (out / "logs" / "rm.log").read_text()) == bf16
+    assert f"| {'bf16' if bf16 else 'fp32'} |" in (out / "table.md").read_text()
+
+
 def test_rerun_skips_finished_stages_and_keeps_every_run_in_the_table(recipe_run):
     data, out, env, _ = recipe_run
     result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env={**env, "ALGOS": "grpo"}, capture_output=True,
@@ -99,6 +111,7 @@ def test_rerun_skips_finished_stages_and_keeps_every_run_in_the_table(recipe_run
 @pytest.mark.parametrize("setting,fragment", [
     ({"ALGOS": "ppo sft"}, "ALGOS has 'sft'"),
     ({"VALID_ROWS": "40"}, "it needs more than VALID_ROWS=40"),
+    ({"BF16": "yes"}, "BF16=yes; use auto, true or false"),
     ({"DATA": "missing"}, "missing/train.jsonl does not exist"),
 ])
 def test_bad_settings_exit_2_with_one_line(recipe_run, tmp_path, setting, fragment):

@@ -312,7 +312,7 @@ def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_pat
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"]["reward_source"] == "--reward_fn rlhf.demo_rule:rule_reward"
-    assert summary["algorithm"] == "grpo"  # the report's heading
+    assert summary["algorithm"] == "grpo" and summary["precision"] == "fp32"  # the report's heading and table
     assert "GRPO: 2 steps of 4 rollouts" in result.stderr and "PPO:" not in result.stderr
     assert 0.0 <= summary["result"]["reward_score"]["after"] <= 1.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,9 @@
 # prompts of every RL/DPO evaluation and the best-of-n baseline); the rows before them train.
 # Variables: OUT (outputs/recipe-hh), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: runs at a time;
 # JOBS=2 on a 2-core machine runs two single-threaded), BASE_MODEL (models/SmolLM2-135M-Instruct),
-# RM_ARGS / RL_ARGS / DPO_ARGS (extra flags, word-split). Finished stages are skipped when re-run.
+# BF16 (auto: bf16 where the hardware computes in it, a CPU with AMX/AVX512-BF16 or a bf16 GPU, else fp32;
+# true/false force it), RM_ARGS / RL_ARGS / DPO_ARGS (extra flags, word-split). Finished stages are skipped
+# when re-run.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -22,6 +24,7 @@ SEEDS=${SEEDS:-0 1}
 JOBS=${JOBS:-1}
 VALID_ROWS=${VALID_ROWS:-300}
 BASE_MODEL=${BASE_MODEL:-models/SmolLM2-135M-Instruct}
+BF16=${BF16:-auto}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -f "$DATA_DIR/train.jsonl" ]; then
@@ -39,6 +42,14 @@ if [ ! -f "$BASE_MODEL/config.json" ]; then
     echo "recipe-hh: error: no model at BASE_MODEL=$BASE_MODEL; set BASE_MODEL to a model folder" >&2
     exit 2
 fi
+case "$BF16" in
+    auto) BF16=$("$PY" -c "import torch; from rlhf.backend import bf16_supported as ok
+print(str(ok('cuda' if torch.cuda.is_available() else 'cpu')).lower())") ;;
+    true|false) ;;
+    *) echo "recipe-hh: error: BF16=$BF16; use auto, true or false" >&2; exit 2 ;;
+esac
+if [ "$BF16" = true ]; then PRECISION=bf16; else PRECISION="fp32 (no bf16 units found, or BF16=false)"; fi
+echo "== precision: $PRECISION"
 mkdir -p "$OUT/data" "$OUT/logs"
 
 # The split: the last VALID_ROWS rows validate, the rows before them train.
@@ -72,7 +83,8 @@ stage() {
     touch "$OUT/.done-$name"
 }
 
-stage rm "$OUT/rm" "$PY" reward_modeling.py "$RECIPE/rm.yaml" --model_name_or_path "$BASE_MODEL" "${DATA[@]}" ${RM_ARGS:-}
+stage rm "$OUT/rm" "$PY" reward_modeling.py "$RECIPE/rm.yaml" --model_name_or_path "$BASE_MODEL" --bf16 "$BF16" "${DATA[@]}" \
+    ${RM_ARGS:-}
 grep -h "eval_accuracy" "$OUT/rm/eval_results.json" || true
 
 # The policy runs: JOBS at a time; with JOBS > 1 each gets an equal share of the cores.
@@ -83,10 +95,10 @@ for algo in $ALGOS; do
         name=$algo-seed$seed
         names+=("$name")
         if [ "$algo" = dpo ]; then
-            cmd=("$PY" dpo_training.py "$RECIPE/dpo.yaml" --model_name_or_path "$BASE_MODEL" --seed "$seed"
+            cmd=("$PY" dpo_training.py "$RECIPE/dpo.yaml" --model_name_or_path "$BASE_MODEL" --seed "$seed" --bf16 "$BF16"
                  --heldout_reward_model "$OUT/rm" "${DATA[@]}" ${DPO_ARGS:-})
         else
-            cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$BASE_MODEL" --seed "$seed"
+            cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$BASE_MODEL" --seed "$seed" --bf16 "$BF16"
                  --reward_model_name "$OUT/rm" "${DATA[@]}" ${RL_ARGS:-})
         fi
         if [ "$algo" = dpo ]; then  # one DPO run at a time: each peaks near 10 GB (two were OOM-killed on 24 GiB)
