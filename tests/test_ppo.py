@@ -573,8 +573,10 @@ def test_kl_as_a_loss_term_leaves_the_rewards_unpenalised(tiny_dir, tokenizer):
 
 
 def test_bf16_policy_starts_at_kl_zero_keeps_ratio_one_and_learns(tiny_dir, tokenizer):
-    # bf16 frozen weights, fp32 LoRA adapter and value head (what rl_training.py --bf16 builds).
-    trainer = make_trainer(tiny_dir, tokenizer, dtype=torch.bfloat16, batch_size=16, learning_rate=2e-2,
+    # bf16 frozen weights, fp32 LoRA adapter and value head (what rl_training.py --bf16 builds). lr 5e-3: at
+    # 2e-2 this run is unstable in fp32 too (approx-KL 30-70 per update) and collapses onto one token whose
+    # parity decides the test (it passed with emulated bf16, failed with AMX's bf16 kernels).
+    trainer = make_trainer(tiny_dir, tokenizer, dtype=torch.bfloat16, batch_size=16, learning_rate=5e-3,
                            init_kl_coef=0.02, lora_dropout=0.1)
     assert next(trainer.policy.model.get_base_model().parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters() if p.requires_grad)
