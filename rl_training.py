@@ -547,7 +547,7 @@ def main() -> None:
                                "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}
     summary = {
         "result": result,
-        "algorithm": "ppo" if config.advantage_estimator == "gae" else config.advantage_estimator,
+        "algorithm": config.algorithm.lower(),
         "held_out_prompts": len(held_out),
         "steps": step, "world_size": dist.world_size, "backend": backend.device,
         "precision": "bf16" if args.bf16 else "fp32",

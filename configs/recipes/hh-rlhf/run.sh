@@ -43,13 +43,12 @@ if [ ! -f "$BASE_MODEL/config.json" ]; then
     exit 2
 fi
 case "$BF16" in
-    auto) BF16=$("$PY" -c "import torch; from rlhf.backend import bf16_supported as ok
-print(str(ok('cuda' if torch.cuda.is_available() else 'cpu')).lower())") ;;
+    auto) BF16=$("$PY" -c "from rlhf.backend import bf16_supported, choose_device
+print(str(bf16_supported(choose_device())).lower())") ;;  # the device every stage picks by default
     true|false) ;;
     *) echo "recipe-hh: error: BF16=$BF16; use auto, true or false" >&2; exit 2 ;;
 esac
-if [ "$BF16" = true ]; then PRECISION=bf16; else PRECISION="fp32 (no bf16 units found, or BF16=false)"; fi
-echo "== precision: $PRECISION"
+if [ "$BF16" = true ]; then echo "== precision: bf16"; else echo "== precision: fp32 (no bf16 units found, or BF16=false)"; fi
 mkdir -p "$OUT/data" "$OUT/logs"
 
 # The split: the last VALID_ROWS rows validate, the rows before them train.
