@@ -637,7 +637,7 @@ def memory_rows(devices: int = 8) -> list[tuple[str, str, str, float, float]]:
 
 def memory_table(devices: int = 8) -> str:
     """``memory_rows`` as the Markdown table in docs/distributed.md."""
-    lines = [f"| model | stage | PEFT | ZeRO-2 GiB/device | ZeRO-3 GiB/device |", "|---|---|---|---:|---:|"]
+    lines = ["| model | stage | PEFT | ZeRO-2 GiB/device | ZeRO-3 GiB/device |", "|---|---|---|---:|---:|"]
     for model, stage, peft, zero2, zero3 in memory_rows(devices):
         lines.append(f"| {model} | {stage} | {peft} | {zero2:.1f} | {zero3:.1f} |")
     return "\n".join(lines)
