@@ -58,7 +58,7 @@ from pathlib import Path
 
 from rlhf.arguments import parse_stage_args, public_dict
 from rlhf.data import DataArguments, detect_format, load_splits, prepare_examples, resolve_template
-from rlhf.distributed import setup_distributed_env
+from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.dpo import (
     LOGP_KEYS,
     LOSS_TYPES,
@@ -346,4 +346,4 @@ def write_summary(output_dir: Path, steps: int, device: str, prompts, before: di
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_job(run_cli(main))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from rlhf.arguments import parse_stage_args, public_dict
 from rlhf.data import DataArguments, prepare_examples, load_splits, resolve_template
-from rlhf.distributed import setup_distributed_env
+from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.errors import UserError, run_cli
 from rlhf.modeling import (
     LoraArguments,
@@ -175,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_job(run_cli(main))

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from rlhf.arguments import parse_stage_args, public_dict
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
-from rlhf.distributed import setup_distributed_env
+from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.errors import UserError, run_cli
 from rlhf.modeling import (
     LoraArguments,
@@ -218,4 +218,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_job(run_cli(main))

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from rlhf.arguments import check_trackers_installed, parse_stage_args, public_dict
 from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune_checkpoints
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
-from rlhf.distributed import setup_distributed_env
+from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
 from rlhf.modeling import check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
@@ -563,4 +563,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_job(run_cli(main))

@@ -20,6 +20,11 @@ In a process of a multi-process job (world size > 1, read from ``os.environ``) i
   initialised. A gloo process group left alive at interpreter exit can abort the process
   ("terminate called without an active exception", exit 134 under ``mpirun``) when its peer
   is still running, e.g. while rank 0 alone writes the final model;
+* ``exit_job(code)`` ends a stage script (``exit_job(run_cli(main))``). The exit hook alone did not
+  stop that abort (seen in about 1 of 30 two-process launches on 2 CPU cores: rank 1, done, aborted
+  in its teardown; torchrun then killed rank 0 while it wrote the final model and failed the job).
+  So a rank that finished its work waits for the others, runs the exit hooks, and leaves without
+  the interpreter's teardown, where native threads (gloo's, Arrow's) are destroyed;
 * on ranks other than 0, turns off the ``datasets`` progress bars, so that only rank 0 shows
   progress (the Trainer and ``rl_training.py`` already keep other ranks' logs at warning level).
 
@@ -35,7 +40,7 @@ import atexit
 import os
 import sys
 from dataclasses import dataclass
-from typing import MutableMapping
+from typing import MutableMapping, NoReturn
 
 from rlhf.errors import UserError
 
@@ -215,6 +220,25 @@ def _register_exit_hook() -> None:
     if not _exit_hook_registered:
         atexit.register(destroy_process_group)
         _exit_hook_registered = True
+
+
+def exit_job(code: int) -> NoReturn:
+    """End a stage script's process with exit ``code`` (``exit_job(run_cli(main))``).
+
+    In a multi-process job, a rank that succeeded (code 0) first waits for every other rank (a
+    barrier: none tears down while another still writes the final model), then runs the exit hooks
+    (``atexit``: the process group is destroyed, logs and trackers are flushed) and leaves with
+    ``os._exit``, skipping the interpreter's teardown of native thread pools that can abort a
+    finished process. A failed rank (code != 0) exits at once: the others may never reach the
+    barrier; their next collective fails instead."""
+    dist = _process_group()
+    if code != 0 or dist is None or dist.get_world_size() < 2:
+        sys.exit(code)
+    dist.barrier()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def destroy_process_group() -> None:

@@ -123,3 +123,51 @@ def test_exit_hook_registered_once_for_a_multi_process_job(env, monkeypatch):
     setup_distributed_env()
     assert calls == [distributed.destroy_process_group]
     distributed.destroy_process_group()  # no process group initialised: nothing to do, no error
+
+
+EXIT_JOB_WORKER = """
+import atexit, os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from rlhf.distributed import exit_job, setup_distributed_env
+
+setup_distributed_env()
+dist.init_process_group("gloo")
+rank, code = dist.get_rank(), int(sys.argv[2])
+out = Path(sys.argv[1])
+if rank == 0:
+    time.sleep(2)  # rank 0 alone writes the final outputs
+    (out / "rank0-wrote").write_text("done")
+else:
+    # what rank 1 sees when its exit hooks run
+    atexit.register(lambda: (out / "rank1-saw").write_text(str((out / "rank0-wrote").exists())))
+exit_job(code if rank == 1 else 0)
+"""
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_exit_job_waits_for_every_rank_only_on_success(tmp_path, code):
+    """Two gloo processes under torchrun: rank 0 writes its outputs two seconds late. On success, rank 1's exit
+    hooks run only after that (the barrier), and they do run (os._exit skips only the interpreter's teardown); a
+    failed rank 1 (exit 2) leaves at once, without waiting for a barrier the others may never reach."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(EXIT_JOB_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for name in ALL_VARS:
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script), str(tmp_path), str(code)],
+        env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert (result.returncode == 0) == (code == 0), log[-3000:]
+    assert (tmp_path / "rank1-saw").read_text() == str(code == 0), log[-3000:]
