@@ -36,13 +36,13 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,12 +97,6 @@ CASES = {
 }
 SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py", "dpo": "dpo_training.py"}
 STAGE_ARGS = {"sft": SFT_ARGS, "rm": RM_ARGS, "dpo": DPO_ARGS}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_env(home: Path) -> dict[str, str]:

@@ -151,16 +151,15 @@ def test_exit_job_waits_for_every_rank_only_on_success(tmp_path, code):
     hooks run only after that (the barrier), and they do run (os._exit skips only the interpreter's teardown); a
     failed rank 1 (exit 2) leaves at once, without waiting for a barrier the others may never reach."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from ports import free_port
+
     script = tmp_path / "worker.py"
     script.write_text(EXIT_JOB_WORKER)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     for name in ALL_VARS:
         env.pop(name, None)

@@ -6,12 +6,12 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -262,12 +262,6 @@ def test_single_card_run_returns_the_jobs_exit_code(tmp_path):
     assert "status 3" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 WORKER = """
 import json, sys
 import torch
@@ -295,7 +289,7 @@ def test_mpi_two_processes_all_reduce(tmp_path):
         pytest.skip("needs 2 CPUs: mpirun --bind-to core places one process per core")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    result = spawn("--world_size", "2", "--use_mpi", "--master_port", str(_free_port()), str(worker),
+    result = spawn("--world_size", "2", "--use_mpi", "--master_port", str(free_port()), str(worker),
                    str(tmp_path), cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     records = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])

@@ -19,12 +19,12 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -84,12 +84,6 @@ def _have_open_mpi() -> str | None:
 
 MPI_MISSING = _have_open_mpi()
 needs_mpi = pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_env(home: Path) -> dict[str, str]:
