@@ -31,6 +31,7 @@ the Trainer stages in-process), and PPO's DeepSpeed config checks.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import math
@@ -110,8 +111,19 @@ def job_env(home: Path) -> dict[str, str]:
 
 
 def launch(launcher: str, script: str, args: list[str], zero: int | None, tmp: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command(launcher, script, args, zero), cwd=REPO, env=job_env(tmp / "hf_home"),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    """Run a 2-process job to its end; it must leave no DeepSpeed shared-memory buffer behind (DeepSpeed's CPU
+    allreduce creates 69 MB a rank in /dev/shm and never unlinks it; rlhf.distributed's exit hook does)."""
+    job = command(launcher, script, args, zero)
+    result = subprocess.run(job, cwd=REPO, env=job_env(tmp / "hf_home"), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert not shm_buffers(job), f"left in /dev/shm: {shm_buffers(job)}"
+    return result
+
+
+def shm_buffers(job: list[str]) -> list[str]:
+    """DeepSpeed's /dev/shm buffers of the job started by ``job`` (found by its master port)."""
+    port = next(job[i + 1] for i, word in enumerate(job) if word in ("--master_port", "--main_process_port"))
+    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def command(launcher: str, script: str, args: list[str], zero: int | None) -> list[str]:
@@ -342,13 +354,13 @@ def kill_after_first_checkpoint(command: list[str], output: Path, env: dict) -> 
                 pass
         process.wait()
         psutil.wait_procs(workers, timeout=30)
+        for buffer in shm_buffers(command):  # SIGKILL runs no exit hook: the killed job's buffers stay behind
+            os.unlink(buffer)
 
 
 @needs_deepspeed
 @pytest.mark.parametrize("zero", list(PPO_CASES), ids=[f"zero{z}" for z in PPO_CASES])
 def test_ppo_zero_killed_resumed_matches_plain_run(zero, tiny_model_dir, reward_model, ppo_plain, tmp):
-    from rlhf.checkpoint import latest_checkpoint
-
     """PPO under the DeepSpeed engine (LoRA + value head, 2 processes), killed with SIGKILL after its first
     checkpoint and resumed with --resume_from_checkpoint, against an uninterrupted plain torchrun run of the same
     settings: the same metrics at every step (relative 1e-4; the rows before the kill from the first launch, the
@@ -357,6 +369,8 @@ def test_ppo_zero_killed_resumed_matches_plain_run(zero, tiny_model_dir, reward_
     inference engine and the engine's own checkpoint on every rank are all in that path: a resume that lost the
     optimizer state, a rank's RNG or a step, or an engine stepping after every backward, moves the numbers far
     more than the tolerance (measured: metrics within 1e-5 relative, weights within 2e-6)."""
+    from rlhf.checkpoint import latest_checkpoint
+
     launcher = PPO_CASES[zero]
     output = tmp / f"ppo-zero{zero}"
     args = ppo_args(tiny_model_dir, reward_model, output)

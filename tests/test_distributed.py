@@ -121,8 +121,8 @@ def test_exit_hook_registered_once_for_a_multi_process_job(env, monkeypatch):
     env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
     setup_distributed_env()
     setup_distributed_env()
-    assert calls == [distributed.destroy_process_group]
-    distributed.destroy_process_group()  # no process group initialised: nothing to do, no error
+    assert calls == [distributed.release_distributed_resources]
+    distributed.release_distributed_resources()  # no process group initialised: nothing to do, no error
 
 
 EXIT_JOB_WORKER = """
