@@ -53,7 +53,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlhf.arguments import parse_stage_args, public_dict
@@ -125,7 +125,9 @@ class DPOArguments:
         default=True, metadata={"help": "Turn the base model's dropout off (TRL's default); LoRA dropout stays."}
     )
     heldout_samples: int = field(
-        default=0, metadata={"help": "Held-out prompts sampled before and after training for the report (0: off)."}
+        default=0, metadata={"help": "Held-out prompts sampled before and after training for the report (0: off); "
+                                     "the first distinct ones of the whole validation split (--max_eval_samples "
+                                     "caps only the pairs DPO evaluates)."}
     )
     heldout_max_new_tokens: int = field(default=32, metadata={"help": "Longest held-out response."})
     heldout_reward_model: str | None = field(default=None, metadata={
@@ -184,7 +186,9 @@ def main() -> None:
     logger.info("Arguments: %s", {**public_dict(model_args), **public_dict(data_args), **public_dict(dpo_args)})
 
     # The data first: a file without preference pairs stops here, before any model is loaded.
-    train_raw, eval_raw, train_source, eval_source = load_splits(data_args, seed=training_args.seed)
+    # The whole held-out split: --max_eval_samples caps the pairs DPO evaluates, not the --heldout_samples prompts.
+    train_raw, eval_raw, train_source, eval_source = load_splits(replace(data_args, max_eval_samples=None),
+                                                                 seed=training_args.seed)
     detect_format(train_raw.column_names, train_source, allow_sft=False)
     if eval_raw is not None:
         detect_format(eval_raw.column_names, eval_source, allow_sft=False)
@@ -205,7 +209,8 @@ def main() -> None:
         eval_text = eval_set = None
         if eval_raw is not None:
             eval_text, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=False)
-            eval_set, eval_truncated = tokenize_preferences(eval_text, tokenizer, *limits, workers)
+            eval_pairs = eval_text.select(range(min(data_args.max_eval_samples or len(eval_text), len(eval_text))))
+            eval_set, eval_truncated = tokenize_preferences(eval_pairs, tokenizer, *limits, workers)
             report.append(("evaluation", eval_truncated, len(eval_set)))
     for split, count, total in report:
         (logger.warning if count else logger.info)(

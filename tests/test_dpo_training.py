@@ -166,13 +166,16 @@ def test_heldout_reward_model_scores_the_responses_raw(tiny_model_dir, tmp_path,
     argv = ["--model_name_or_path", tiny_model_dir, "--train_file", str(TRAIN), "--validation_file", str(TEST),
             "--max_train_samples", "16", "--max_steps", "2", "--save_strategy", "no", "--output_dir", str(output),
             "--heldout_samples", "4", "--heldout_max_new_tokens", "8", "--heldout_reward_model", reward_dir,
-            *SMALL, *QUIET]
+            *SMALL, *QUIET, "--max_eval_samples", "2"]
     assert run_main(monkeypatch, argv) == 0
+    # --max_eval_samples caps the pairs DPO evaluates, not the held-out prompts (they were cut to 2 with it)
+    assert json.loads((output / "eval_results.json").read_text())["eval_samples"] == 2
     summary = json.loads((output / "summary.json").read_text())
     score = summary["result"]["reward_score"]
     assert summary["result"]["reward_source"] == "reward-model"
     assert score["change"] == pytest.approx(score["after"] - score["before"])
     samples = [json.loads(line) for line in (output / "eval_samples.jsonl").read_text().splitlines()]
+    assert len({s["prompt"] for s in samples}) == 4
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)
     oracle = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     for when in ("before", "after"):
