@@ -7,8 +7,8 @@
 #
 # The last VALID_ROWS (300) rows of DATA_DIR/train.jsonl are the validation split (RM accuracy, held-out
 # prompts of every RL/DPO evaluation and the best-of-n baseline); the rows before them train.
-# Variables: OUT (outputs/recipe-hh), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: runs at a time;
-# JOBS=2 on a 2-core machine runs two single-threaded), BASE_MODEL (models/SmolLM2-135M-Instruct),
+# Variables: OUT (outputs/recipe-hh), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: RL runs at a time;
+# JOBS=2 on a 2-core machine runs two single-threaded; DPO runs go alone, with every core), BASE_MODEL (models/SmolLM2-135M-Instruct),
 # BF16 (auto: bf16 where the hardware computes in it, a CPU with AMX/AVX512-BF16 or a bf16 GPU, else fp32;
 # true/false force it), RM_ARGS / RL_ARGS / DPO_ARGS (extra flags, word-split). Finished stages are skipped
 # when re-run.
@@ -100,8 +100,10 @@ for algo in $ALGOS; do
             cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$BASE_MODEL" --seed "$seed" --bf16 "$BF16"
                  --reward_model_name "$OUT/rm" "${DATA[@]}" ${RL_ARGS:-})
         fi
-        if [ "$algo" = dpo ]; then  # one DPO run at a time: each peaks near 10 GB (two were OOM-killed on 24 GiB)
-            OMP_NUM_THREADS=$threads stage "$name" "$OUT/$name" "${cmd[@]}" || true
+        if [ "$algo" = dpo ]; then
+            # Alone, with every core: a DPO run peaks near 10 GB (two were OOM-killed on 24 GiB).
+            wait
+            OMP_NUM_THREADS=$(nproc) stage "$name" "$OUT/$name" "${cmd[@]}" || true
             continue
         fi
         OMP_NUM_THREADS=$threads stage "$name" "$OUT/$name" "${cmd[@]}" &
