@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rlhf.arguments import parse_stage_args, public_dict
-from rlhf.data import DataArguments, detect_format, load_splits, prepare_examples, resolve_template
+from rlhf.data import DataArguments, detect_format, first_rows, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.dpo import (
     LOGP_KEYS,
@@ -209,7 +209,7 @@ def main() -> None:
         eval_text = eval_set = None
         if eval_raw is not None:
             eval_text, _ = prepare_examples(eval_raw, eval_source, tokenizer, template, allow_sft=False)
-            eval_pairs = eval_text.select(range(min(data_args.max_eval_samples or len(eval_text), len(eval_text))))
+            eval_pairs = first_rows(eval_text, data_args.max_eval_samples)
             eval_set, eval_truncated = tokenize_preferences(eval_pairs, tokenizer, *limits, workers)
             report.append(("evaluation", eval_truncated, len(eval_set)))
     for split, count, total in report:

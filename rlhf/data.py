@@ -261,11 +261,15 @@ def load_splits(args: DataArguments, seed: int = 42) -> tuple[Any, Any | None, s
         eval_source = f"{train_source} ({args.validation_split_percentage}% held out)"
     if evaluation is not None and len(evaluation) == 0:
         raise UserError(f"{eval_source}: the evaluation split is empty; give rows or drop it")
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if evaluation is not None and args.max_eval_samples:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    train = first_rows(train, args.max_train_samples)
+    if evaluation is not None:
+        evaluation = first_rows(evaluation, args.max_eval_samples)
     return train, evaluation, train_source, eval_source
+
+
+def first_rows(dataset, limit: int | None):
+    """The first ``limit`` rows of ``dataset`` (all of them when ``limit`` is None or larger)."""
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
 # ---------------------------------------------------------------- formats

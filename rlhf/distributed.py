@@ -16,8 +16,8 @@ initialise from them. Call it first thing in a stage script's ``main()``, before
 
 In a process of a multi-process job (world size > 1, read from ``os.environ``) it also:
 
-* registers an exit hook (``release_distributed_resources``) that destroys the ``torch.distributed`` process group, if one was
-  initialised. A gloo process group left alive at interpreter exit can abort the process
+* registers an exit hook (``release_distributed_resources``) that destroys the ``torch.distributed``
+  process group, if one was initialised. A gloo process group left alive at interpreter exit can abort the process
   ("terminate called without an active exception", exit 134 under ``mpirun``) when its peer
   is still running, e.g. while rank 0 alone writes the final model;
 * ``exit_job(code)`` ends a stage script (``exit_job(run_cli(main))``). The exit hook alone did not
@@ -258,17 +258,14 @@ def release_distributed_resources() -> None:
         dist.destroy_process_group()
 
 
-def deepspeed_shm_buffer(env: MutableMapping[str, str] | None = None) -> str:
-    """The shared-memory file DeepSpeed's CPU allreduce creates for this rank of the job in ``env``."""
-    env = os.environ if env is None else env
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '')}")
-
-
 def remove_deepspeed_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed buffer if there is one (DeepSpeed never does)."""
+    """Unlink the shared-memory file DeepSpeed's CPU allreduce created for this rank, if there is one
+    (DeepSpeed never does)."""
+    env = os.environ
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
+            f"{env.get('RANK', '')}")
     try:
-        os.unlink(deepspeed_shm_buffer())
+        os.unlink(f"/dev/shm/{name}")
     except FileNotFoundError:  # not a DeepSpeed run, or not on CPU
         pass
 

@@ -116,7 +116,8 @@ def launch(launcher: str, script: str, args: list[str], zero: int | None, tmp: P
     job = command(launcher, script, args, zero)
     result = subprocess.run(job, cwd=REPO, env=job_env(tmp / "hf_home"), capture_output=True, text=True,
                             timeout=TIMEOUT)
-    assert not shm_buffers(job), f"left in /dev/shm: {shm_buffers(job)}"
+    left = shm_buffers(job)
+    assert not left, f"left in /dev/shm: {left}"
     return result
 
 
