@@ -10,8 +10,8 @@
 # Variables: OUT (outputs/recipe-hh), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: RL runs at a time;
 # JOBS=2 on a 2-core machine runs two single-threaded; DPO runs go alone, with every core),
 # BASE_MODEL (models/SmolLM2-135M-Instruct), BF16 (auto: bf16 where the hardware computes in it, a CPU
-# with AMX/AVX512-BF16 or a bf16 GPU, else fp32; true/false force it), RM_ARGS / RL_ARGS / DPO_ARGS (extra flags, word-split). Finished stages are skipped
-# when re-run.
+# with AMX/AVX512-BF16 or a bf16 GPU, else fp32; true/false force it), RM_ARGS / RL_ARGS / DPO_ARGS (extra
+# flags, word-split). Finished stages are skipped when re-run.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
