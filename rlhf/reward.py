@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from rlhf.errors import UserError
 from rlhf.modeling import load_config, merge_lora, position_ids_from_mask
+from rlhf.sequences import pad_sequences
 from rlhf.tokenization import encode_text, keep_end
 
 logger = logging.getLogger("rlhf")
@@ -196,35 +197,6 @@ class RewardPairCollator:
         if features and "margin" in features[0]:
             batch["margin"] = torch.tensor([float(f["margin"]) for f in features], dtype=torch.float32)
         return batch
-
-
-def pad_sequences(
-    sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, side: str = "right", pad_to: int | None = None,
-    device: str | torch.device | None = None,
-) -> dict[str, torch.Tensor]:
-    """The one padding helper (reward pairs, reward scoring, PPO prompts and responses).
-
-    ``input_ids`` and ``attention_mask`` (N, T), long, on ``device`` (default CPU): T the longest
-    sequence, or ``pad_to`` (static shapes; a longer sequence is a ValueError). ``side="left"`` puts
-    the pads first (prompts for generation), ``"right"`` after (responses, training pairs); the mask
-    is 1 on real tokens, so a row may be empty. Sequences are lists of ids or 1-D tensors."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', not {side!r}")
-    rows = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in sequences]
-    length = max((row.numel() for row in rows), default=0)
-    if pad_to is not None:
-        if length > pad_to:
-            raise ValueError(f"a sequence of {length} tokens is longer than pad_to={pad_to}")
-        length = pad_to
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        if not row.numel():
-            continue
-        span = slice(length - row.numel(), length) if side == "left" else slice(0, row.numel())
-        input_ids[index, span] = row.to(input_ids.device)
-        attention_mask[index, span] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 # ---------------------------------------------------------------- metrics and statistics
