@@ -68,6 +68,7 @@ from rlhf.ppo import (
 from rlhf.report import heldout_result
 from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.reward_functions import CombinedReward, import_reward_fn
+from rlhf.rollout import check_engine_available, make_engine
 from rlhf.tokenization import encode_text, keep_end
 from rlhf.training import StopOnSignal, already_finished, check_output_dir, resolve_resume, resume_requested
 from rlhf.zero import frozen_under_zero3, ppo_deepspeed_plugin
@@ -108,7 +109,8 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow an output_dir holding another run."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint path, or true: newest."})
     peft: str = field(default="lora", metadata={"help": "lora, or none (full fine-tune, frozen reference copy)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r (--lora_r, the reference's name, works too).",
+                                                 "aliases": ["--lora_r"]})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt."})
@@ -242,7 +244,7 @@ def build_policy(args: ScriptArguments, config: PPOConfig, backend, resume_dir: 
             model = PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
         else:
             lora = LoraArguments(
-                lora_rank=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 lora_target_modules=args.lora_target_modules,
             )
             model = get_peft_model(base, lora_config(lora, "CAUSAL_LM"))
@@ -259,6 +261,20 @@ def build_policy(args: ScriptArguments, config: PPOConfig, backend, resume_dir: 
     if ref_model is not None:
         ref_model.to(device)
     return PolicyWithValueHead(model, value_head, ref_model=ref_model)
+
+
+def build_rollout_engine(args: ScriptArguments, config: PPOConfig, policy, tokenizer, backend):
+    """The engine --rollout_engine names, or None for the default ``hf`` engine the trainer builds itself
+    (it needs the DeepSpeed engine, which exists only once the trainer has prepared the policy)."""
+    if config.rollout_engine == "hf":
+        return None
+    return make_engine(
+        config.rollout_engine, model=policy.model, model_path=check_model_path(args.model_name, "--model_name"),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, device=backend.device,
+        dtype="bfloat16" if args.bf16 else "float32", seed=config.seed,
+        max_model_len=config.input_max_length + config.output_max_length,
+        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        tensor_parallel_size=config.vllm_tensor_parallel_size, kv_cache_space_gb=config.vllm_kv_cache_gb)
 
 
 def build_reward(args: ScriptArguments, config: PPOConfig, backend, accelerator) -> CombinedReward:
@@ -404,6 +420,7 @@ def main() -> None:
         raise UserError("--model_name and a reward (--reward_model_name and/or --reward_fn module:function) are required")
     for spec in args.reward_fn or []:
         import_reward_fn(spec)  # a name that does not import stops here, before any model is loaded
+    check_engine_available(config.rollout_engine)  # before any model loads
     backend.check_precision(bf16=args.bf16)
     if args.bf16 and args.peft == "none":
         raise UserError("--bf16 with --peft none would make Adam update bfloat16 weights, which lose small updates; "
@@ -433,7 +450,8 @@ def main() -> None:
     accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir),
                                            deepspeed_plugin=deepspeed_plugin)
     reward_fn = build_reward(args, config, backend, accelerator)
-    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator, mark_step=backend.mark_step())
+    trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator, mark_step=backend.mark_step(),
+                         rollout_engine=build_rollout_engine(args, config, policy, tokenizer, backend))
     if deepspeed_plugin is not None and trainer.engine is None:
         raise UserError("DeepSpeed was asked for but the accelerator did not start its engine (this run would train "
                         "without it); launch with torchrun, deepspeed or accelerate launch --use_deepspeed")
@@ -483,8 +501,9 @@ def main() -> None:
             batch_prompts = [prompts[i] for i in indices for _ in range(config.num_generations)]
             prompt_ids = prompt_token_ids(tokenizer, batch_prompts, config.input_max_length)
             started = time.perf_counter()
-            responses = trainer.generate(prompt_ids, length_sampler=length_sampler,
-                                         batch_size=None if args.batched_gen else 1)
+            rollout = trainer.rollout(prompt_ids, length_sampler=length_sampler,
+                                      batch_size=None if args.batched_gen else 1)
+            responses = rollout.responses
             generated = time.perf_counter()
             scores = trainer.score(batch_prompts, responses, columns=columns_of(batch_prompts, rows), step=step + 1)
             timings = {"time/generate_s": generated - started, "time/score_s": time.perf_counter() - generated}
@@ -496,7 +515,7 @@ def main() -> None:
                 step += 1
                 bar.update(1)
                 continue
-            stats = trainer.step(prompt_ids, responses, scores, timings)
+            stats = trainer.step(prompt_ids, responses, scores, timings, sampler_logprobs=rollout.logprobs)
             step += 1
             check_finite(stats, step)
             if is_main:

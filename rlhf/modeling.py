@@ -31,7 +31,7 @@ class ModelArguments:
 @dataclass
 class LoraArguments:
     peft: str = field(default="lora", metadata={"help": "lora or none (full fine-tune).", "choices": ("lora", "none")})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (--lora_r works too).", "aliases": ["--lora_r"]})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(

@@ -61,9 +61,26 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from rlhf.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS, AdvantageInputs
 from rlhf.errors import UserError
 from rlhf.modeling import merge_lora, position_ids_from_mask
-from rlhf.reward import pad_sequences
+from rlhf.policy_loss import (
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    LossWindow,
+    PolicyLossResult,
+    clipped_value_loss,
+    k3_kl,
+)
+from rlhf.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams
+from rlhf.sequences import (
+    entropy_from_logits,
+    is_peft_model,
+    logprobs_from_logits,
+    masked_mean,
+    pad_sequences,
+    padded_width,
+)
 from rlhf.zero import (
     PPOEngineSteps,
     deepspeed_engine,
@@ -79,163 +96,6 @@ from rlhf.zero import (
 VALUE_HEAD_FILE = "value_head.safetensors"
 TRAINER_STATE_FILE = "ppo_state.pt"  # in a checkpoint: step, KL controller, optimizer, rank 0's RNG
 RANK_RNG_FILE = "rng_state_{rank}.pth"  # in a checkpoint: the RNG state of each other rank
-
-# --------------------------------------------------------------------------------------------
-# Masked statistics
-# --------------------------------------------------------------------------------------------
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """Mean of ``x`` over entries where ``mask`` is 1 (over all dims, or along ``dim``)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum()
-    return (x * mask).sum(dim) / mask.sum(dim)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over masked entries; Bessel-corrected when ``unbiased`` (and n > 1)."""
-    count = mask.sum()
-    if count == 0:
-        raise ValueError("masked_var needs at least one entry with mask=1")
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased and count > 1:
-        var = var * count / (count - 1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise masked entries to mean 0 / variance 1 (mean kept if not ``shift_mean``).
-
-    Entries where ``mask`` is 0 are returned unchanged.
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, x)
-
-
-# --------------------------------------------------------------------------------------------
-# Log-probabilities, entropy, EOS handling
-# --------------------------------------------------------------------------------------------
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``."""
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution given by ``logits`` (last dim), float32."""
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
-def truncate_after_eos(
-    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep each row up to and including its first EOS; pad (and mask) what follows.
-
-    Returns ``(ids, mask, ended_with_eos)``: ``ids`` like ``response_ids`` with positions after
-    the first EOS set to ``pad_token_id``, ``mask`` (long, 1 = real token, built from positions,
-    so it is right even when the pad id equals the EOS id) and a bool per row telling whether
-    the response contains an EOS (i.e. finished rather than running out of tokens).
-    """
-    batch, width = response_ids.shape
-    is_eos = response_ids == eos_token_id
-    ended = is_eos.any(dim=1)
-    first_eos = torch.where(ended, is_eos.long().argmax(dim=1), torch.full_like(ended, width, dtype=torch.long))
-    positions = torch.arange(width, device=response_ids.device).expand(batch, width)
-    mask = (positions <= first_eos.unsqueeze(1)).long()
-    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_token_id))
-    return ids, mask, ended
-
-
-# --------------------------------------------------------------------------------------------
-# Rewards and advantages (float32)
-# --------------------------------------------------------------------------------------------
-
-
-def compute_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards ``-kl_coef * (logp - ref_logp)``, plus ``scores`` on each row's last real token.
-
-    Returns ``(rewards, non_score_reward, kl)``, all (batch, width) float32 and zero on padding.
-    """
-    mask = mask.float()
-    kl = (logprobs.float() - ref_logprobs.float()) * mask
-    non_score_reward = -kl_coef * kl
-    rewards = non_score_reward.clone()
-    positions = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
-    last = (mask * (positions + 1)).argmax(dim=1)  # index of the last 1 in each row
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.float().to(rewards.device)
-    return rewards, non_score_reward, kl
-
-
-def compute_gae(
-    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over right-padded responses.
-
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (V beyond the last real token is 0) and
-    ``A_t = delta_t + gamma * lam * A_{t+1}``. Returns ``(advantages, returns)`` where
-    ``returns = A + V`` uses the raw advantages and ``advantages`` are then whitened over the
-    masked entries (``masked_whiten``). Both detached, float32.
-    """
-    mask = mask.float()
-    values = values.float() * mask
-    rewards = rewards.float() * mask
-    width = rewards.shape[1]
-    last_gae = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(width)):
-        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages_reversed.append(last_gae)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
-    returns = advantages + values
-    advantages = masked_whiten(advantages, mask)
-    return advantages.detach(), returns.detach()
-
-
-def group_advantages(returns: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-4) -> torch.Tensor:
-    """Critic-free advantage of each response, from the returns of the ``group_size`` responses to
-    the same prompt (consecutive rows).
-
-    ``grpo``: ``(R - mean(group)) / (std(group) + eps)`` (Shao et al. 2024; std with Bessel's
-    correction, as TRL's GRPOTrainer). ``rloo``: ``R - mean(other k - 1 responses)`` (Ahmadian et
-    al. 2024). A group whose returns are all equal carries no signal: advantage 0 for both.
-    """
-    if group_size < 2 or returns.numel() % group_size:
-        raise ValueError(f"{returns.numel()} returns do not form groups of {group_size} >= 2")
-    groups = returns.float().reshape(-1, group_size)
-    if estimator == "grpo":
-        advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
-    elif estimator == "rloo":
-        advantages = groups - (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
-    else:
-        raise ValueError(f"unknown critic-free estimator {estimator!r}")
-    return advantages.reshape(-1)
-
-
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimate ``exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3:
-    unbiased, never negative), as GRPO puts it in the loss."""
-    log_ratio = ref_logprobs.float() - logprobs.float()
-    return torch.exp(log_ratio) - log_ratio - 1
-
 
 # --------------------------------------------------------------------------------------------
 # KL controllers
@@ -284,61 +144,8 @@ class FixedKLController:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
-# --------------------------------------------------------------------------------------------
-
-
-def clipped_policy_loss(
-    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    cliprange: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, averaged over masked tokens; ``(loss, stats)`` with ``policy/approxkl``
-    (0.5 * mean (log ratio)^2), ``policy/clipfrac`` and ``policy/ratio_mean``."""
-    mask = mask.float()
-    log_ratio = new_logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mask)
-    stats = {
-        "loss/policy": pg_loss.detach(),
-        "policy/approxkl": 0.5 * masked_mean(log_ratio.detach() ** 2, mask),
-        "policy/clipfrac": masked_mean((pg_losses2 > pg_losses1).float(), mask).detach(),
-        "policy/ratio_mean": masked_mean(ratio.detach(), mask),
-    }
-    return pg_loss, stats
-
-
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-    cliprange_value: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2)`` averaged over masked tokens; ``(loss, stats)``
-    with ``loss/value``, ``value/clipfrac`` and ``value/error`` (mean squared error against the returns)."""
-    mask = mask.float()
-    values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
-    vf_losses1 = (values - returns) ** 2
-    vf_losses2 = (values_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
-    stats = {
-        "loss/value": vf_loss.detach(),
-        "value/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask).detach(),
-        "value/error": masked_mean((values.detach() - returns) ** 2, mask),
-    }
-    return vf_loss, stats
-
-
-# --------------------------------------------------------------------------------------------
 # Model wrappers
 # --------------------------------------------------------------------------------------------
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is part of both stacks; tolerate its absence for full fine-tuning
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict:
@@ -351,7 +158,7 @@ def _keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict:
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP and similar wrappers
         inner = inner.module
-    if _is_peft_model(inner):
+    if is_peft_model(inner):
         inner = inner.get_base_model()
     try:
         accepted = "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -408,7 +215,7 @@ class PolicyWithValueHead(nn.Module):
 
     @property
     def is_peft(self) -> bool:
-        return _is_peft_model(self.model)
+        return is_peft_model(self.model)
 
     @property
     def config(self):
@@ -512,7 +319,7 @@ def load_value_head(value_head: ValueHead, path: str) -> ValueHead:
 # --------------------------------------------------------------------------------------------
 
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+
 
 
 def _flag(default, text: str):
@@ -545,20 +352,44 @@ class PPOConfig:
     # estimator
     advantage_estimator: str = field(default="gae", metadata={
         "help": "gae: PPO with a value head; grpo / rloo: critic-free, from --num_generations responses per prompt.",
-        "choices": ADVANTAGE_ESTIMATORS})
+        "choices": tuple(ADVANTAGE_ESTIMATORS)})
     num_generations: int = _flag(1, "Responses sampled per prompt (>= 2 for grpo and rloo); --batch_size counts responses.")
     # KL to the reference
     init_kl_coef: float = field(default=0.2, metadata={
         "help": "(Initial) KL coefficient beta: per-token reward penalty, or the loss weight with --use_kl_loss.",
         "aliases": ["--kl_coef"]})
     use_kl_loss: bool = _flag(False, "KL to the reference as a k3 loss term (GRPO's way), not a reward penalty.")
+    use_bias_correction_kl: bool = _flag(True, "With --use_kl_loss: multiply the k3 term by the importance ratio, "
+                                         "so its gradient is the unbiased reverse-KL gradient (TRL 1.16's default, "
+                                         "DeepSeek-V3.2).")
     adap_kl_ctrl: bool = _flag(True, "Adapt the KL coefficient toward --target (else keep it fixed).")
     target: float = _flag(6.0, "Target KL (nats per response) of the adaptive controller.")
     horizon: float = _flag(10000.0, "Horizon (in rollouts) of the adaptive controller.")
     # advantages and losses
     gamma: float = _flag(1.0, "Discount factor.")
     lam: float = _flag(0.95, "GAE lambda.")
-    cliprange: float = _flag(0.2, "Clip range of the policy ratio.")
+    cliprange: float = field(default=0.2, metadata={
+        "help": "Clip range of the policy ratio (TRL's epsilon; the lower bound when --epsilon_high is set).",
+        "aliases": ["--epsilon"]})
+    epsilon_high: float | None = _flag(None, "Upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher, "
+                                       "e.g. 0.28); unset: --cliprange.")
+    loss_type: str | None = field(default=None, metadata={
+        "help": "How per-token losses are averaged (TRL GRPOConfig's names): dapo = token mean over each optimizer "
+                "step's whole batch (all processes), whatever the minibatch split; grpo = mean of per-sequence "
+                "means (length-biased); dr_grpo = token sum / (sequences x --output_max_length); bnpo = each "
+                "minibatch's token mean / accumulation steps (the reference's; depends on --mini_batch_size). "
+                "Default: dapo for grpo/rloo, bnpo for gae (the reference PPO's, kept).",
+        "choices": tuple(LOSS_AGGREGATIONS)})
+    importance_sampling_level: str = field(default="token", metadata={
+        "help": "token: one ratio per token (PPO); sequence: one per sequence, the geometric mean (GSPO).",
+        "choices": tuple(POLICY_LOSSES)})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "GRPO's score scaling: by the group's std (group), the batch's (batch), or none (Dr. GRPO).",
+        "choices": SCALE_REWARDS})
+    mask_truncated_completions: bool = _flag(False, "Leave responses that hit --output_max_length without EOS "
+                                             "out of the loss (DAPO).")
+    entropy_coef: float = _flag(0.0, "Entropy bonus: the loss minus entropy_coef x the mean token entropy (over each optimizer step's "
+                                "tokens, whatever --loss_type).")
     cliprange_value: float = _flag(0.2, "Clip range of the value predictions.")
     vf_coef: float = _flag(0.1, "Weight of the value loss.")
     whiten_rewards: bool = _flag(False, "Whiten per-token rewards before GAE.")
@@ -578,6 +409,18 @@ class PPOConfig:
     temperature: float = _flag(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
     top_k: int = _flag(0, "Must stay 0: top-k sampling makes PPO off-policy.")
     top_p: float = _flag(1.0, "Must stay 1.0: nucleus sampling makes PPO off-policy.")
+    # rollout engine (rlhf.rollout)
+    rollout_engine: str = field(default="hf", metadata={
+        "help": "What samples the rollouts: hf (transformers' generate on the policy) or vllm (colocated vLLM, "
+                "weights pushed after every step; make setup-vllm).", "choices": ("hf", "vllm")})
+    use_vllm: bool = _flag(False, "TRL's spelling of --rollout_engine vllm.")
+    vllm_gpu_memory_utilization: float = _flag(0.3, "vLLM: fraction of GPU memory for its weights and KV cache.")
+    vllm_tensor_parallel_size: int = _flag(1, "vLLM: tensor-parallel size.")
+    vllm_kv_cache_gb: float = _flag(2.0, "vLLM on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    vllm_importance_sampling_correction: bool = _flag(
+        True, "With an engine other than the policy itself (vllm): weight each token's loss by "
+              "min(exp(logp_trainer - logp_sampler), cap), TRL's truncated importance sampling.")
+    vllm_importance_sampling_cap: float = _flag(3.0, "Cap of that importance weight.")
     # static shapes (HPU graphs)
     pad_for_acceleration: bool = _flag(False, "Static shapes: pad prompts and responses to fixed widths (on HPU: always).")
     pad_max_input_len: int | None = _flag(None, "Static prompt width (default --input_max_length).")
@@ -635,6 +478,27 @@ class PPOConfig:
             f"--top_k {self.top_k} --top_p {self.top_p}: truncated sampling makes PPO off-policy (its log-probs "
             "cover the whole vocabulary); keep --top_k 0 --top_p 1.0 and use --temperature",
         )
+        if self.use_vllm:
+            self.rollout_engine = "vllm"
+        need(self.loss_type is None or self.loss_type in LOSS_AGGREGATIONS,
+             f"--loss_type {self.loss_type} is unknown; use one of {', '.join(LOSS_AGGREGATIONS)}")
+        need(self.importance_sampling_level in POLICY_LOSSES,
+             f"--importance_sampling_level {self.importance_sampling_level} is unknown; use token or sequence")
+        need(self.scale_rewards in SCALE_REWARDS,
+             f"--scale_rewards {self.scale_rewards} is unknown; use one of {', '.join(SCALE_REWARDS)}")
+        need(self.scale_rewards == "group" or self.advantage_estimator == "grpo",
+             f"--scale_rewards {self.scale_rewards} applies to --advantage_estimator grpo only; drop it")
+        need(self.epsilon_high is None or (self.epsilon_high > 0 and math.isfinite(self.epsilon_high)),
+             f"--epsilon_high {self.epsilon_high} is invalid; use a positive number (e.g. 0.28) or leave it unset")
+        need(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef),
+             f"--entropy_coef {self.entropy_coef} is invalid; use a number >= 0")
+        need(self.vllm_importance_sampling_cap >= 1,
+             f"--vllm_importance_sampling_cap {self.vllm_importance_sampling_cap} is below 1; use e.g. 3.0")
+        need(0 < self.vllm_gpu_memory_utilization <= 1,
+             f"--vllm_gpu_memory_utilization {self.vllm_gpu_memory_utilization} is out of range; use 0 < u <= 1")
+        need(isinstance(self.vllm_tensor_parallel_size, int) and self.vllm_tensor_parallel_size >= 1,
+             f"--vllm_tensor_parallel_size {self.vllm_tensor_parallel_size} is invalid; use an integer >= 1")
+        need(self.vllm_kv_cache_gb > 0, f"--vllm_kv_cache_gb {self.vllm_kv_cache_gb} is invalid; use a positive number")
         for name in ("pad_max_input_len", "pad_to_multiple_of"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and value >= 1),
@@ -658,10 +522,10 @@ class PPOConfig:
     def prompts_per_step(self) -> int:
         return self.batch_size // self.num_generations
 
-    def generation_kwargs(self) -> dict:
-        """``generate`` settings for sampling from ``softmax(logits / temperature)``, nothing truncated."""
-        return {"max_new_tokens": self.output_max_length, "do_sample": True, "temperature": self.temperature,
-                "top_k": 0, "top_p": 1.0}
+    @property
+    def resolved_loss_type(self) -> str:
+        """--loss_type, or its default: dapo for the critic-free estimators (TRL's), bnpo for gae (the reference's)."""
+        return self.loss_type or ("bnpo" if self.has_critic else "dapo")
 
 
 class LengthSampler:
@@ -693,16 +557,37 @@ class Scores(NamedTuple):
     eos_penalty: torch.Tensor
 
 
+@dataclass
+class Experience:
+    """One batch of rollouts made ready for the update (``PPOTrainer.make_experience``); (B, R) tensors.
+
+    ``mask``: the response tokens; ``loss_mask``: those the loss counts (``mask`` without truncated
+    responses under ``--mask_truncated_completions``); ``kl``: per-token ``logp - ref_logp``;
+    ``kl_coef``: the beta in force; ``sampler_logprobs``: the rollout engine's own log-probs (None if
+    not given); ``is_weights``: the truncated importance-sampling correction (None when off)."""
+
+    batch: dict[str, Any]
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: Optional[torch.Tensor]
+    entropy: torch.Tensor
+    advantages: torch.Tensor
+    returns: Optional[torch.Tensor]
+    mask: torch.Tensor
+    loss_mask: torch.Tensor
+    kl: torch.Tensor
+    kl_coef: float
+    ended_with_eos: torch.Tensor
+    sampler_logprobs: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
+
+
 def _no_op() -> None:
     pass
 
 
-def _round_up(n: int, multiple: Optional[int]) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
-
-
 class PPOTrainer:
-    """Rollout + PPO update for a ``PolicyWithValueHead``.
+    """Rollout + PPO/GRPO/RLOO update for a ``PolicyWithValueHead``.
 
     Args:
         config: ``PPOConfig``.
@@ -718,6 +603,8 @@ class PPOTrainer:
             and early-stop decisions over processes.
         optimizer: defaults to Adam (or Adafactor with ``config.adafactor``) on the trainable parameters.
         mark_step: called after each backward and optimizer step (HPU lazy mode); default no-op.
+        rollout_engine: what samples (``rlhf.rollout``); default the ``hf`` engine on the policy itself.
+            The trainer pushes the policy's weights to it after every step.
     """
 
     def __init__(
@@ -729,6 +616,7 @@ class PPOTrainer:
         accelerator,
         optimizer: Optional[torch.optim.Optimizer] = None,
         mark_step: Optional[Callable[[], None]] = None,
+        rollout_engine: Optional[RolloutEngine] = None,
     ):
         self.config = config
         self.policy = policy
@@ -764,6 +652,10 @@ class PPOTrainer:
         self._engine_steps = PPOEngineSteps(self.engine) if self.engine is not None else None
         if policy.ref_model is not None:
             policy.ref_model = frozen_under_zero3(policy.ref_model.to(self.device), accelerator)
+        self.rollout_engine = rollout_engine or HFEngine(
+            policy.model, self.eos_token_id, self.pad_token_id, self.device, deepspeed_engine=self.engine,
+            static_prompt_width=self._static_prompt_width, pad_to_multiple_of=config.pad_to_multiple_of,
+            mark_step=self.mark_step)
         # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without
         _set_seed(config.seed + accelerator.process_index)
         self._shuffle = torch.Generator().manual_seed(config.seed + accelerator.process_index)
@@ -775,22 +667,15 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- padding helpers
 
-    def _prompt_width(self, longest: int) -> int:
+    @property
+    def _static_prompt_width(self) -> Optional[int]:
         cfg = self.config
-        if cfg.pad_for_acceleration:
-            fixed = cfg.pad_max_input_len or cfg.input_max_length
-            if longest > fixed:
-                raise UserError(
-                    f"a prompt has {longest} tokens, more than --pad_max_input_len {fixed}; "
-                    "raise --pad_max_input_len or truncate prompts"
-                )
-            longest = fixed
-        return _round_up(longest, cfg.pad_to_multiple_of)
+        return (cfg.pad_max_input_len or cfg.input_max_length) if cfg.pad_for_acceleration else None
 
     def _response_width(self, longest: int) -> int:
         if self.config.pad_for_acceleration:
             longest = max(longest, self.config.output_max_length)
-        return _round_up(longest, self.config.pad_to_multiple_of)
+        return padded_width(longest, multiple=self.config.pad_to_multiple_of)
 
     def _pad(self, rows: Sequence[torch.Tensor], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         padded = pad_sequences(rows, self.pad_token_id, side=side, pad_to=width, device=self.device)
@@ -798,49 +683,28 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- rollout
 
-    @torch.no_grad()
-    def generate(
+    def rollout(
         self,
         prompts: Sequence[torch.Tensor],
         length_sampler: Optional[Callable[[], int]] = None,
         batch_size: Optional[int] = None,
-        **overrides,
-    ) -> list[torch.Tensor]:
-        """Sample one response per prompt (1-D token id tensors), KV cache, left-padded, no dropout.
+        min_new_tokens: int = 0,
+    ) -> Rollout:
+        """Sample one response per prompt with the rollout engine: responses (1-D, cut after the first EOS)
+        and the engine's own log-probs of their tokens.
 
-        ``length_sampler`` draws ``max_new_tokens`` per generation batch; ``batch_size`` splits the
-        prompts into generation batches (None: all at once); ``overrides`` change the config's
-        generation settings (benchmarks only: anything but the temperature makes PPO off-policy).
-        Returns 1-D tensors, each cut right after its first EOS (EOS included).
-        """
-        rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-        if any(r.numel() == 0 for r in rows):
-            raise UserError("an empty prompt reached PPO; drop empty prompts from the dataset")
-        kwargs = {**self.config.generation_kwargs(), **overrides, "use_cache": True,
-                  "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
-        was_training = self.policy.training
-        self.policy.eval()
-        responses: list[torch.Tensor] = []
-        step = batch_size or len(rows)
-        try:
-            with full_parameters(self.policy.model, self.engine):  # ZeRO-3: the whole weights, gathered once
-                for i in range(0, len(rows), step):
-                    chunk = rows[i : i + step]
-                    if length_sampler is not None:
-                        kwargs["max_new_tokens"] = int(length_sampler())
-                    width = self._prompt_width(max(r.numel() for r in chunk))
-                    input_ids, mask = self._pad(chunk, width, "left")
-                    output = self.policy.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-                    if not isinstance(output, torch.Tensor):  # return_dict_in_generate=True
-                        output = output.sequences
-                    ids, response_mask, _ = truncate_after_eos(output[:, width:], self.eos_token_id,
-                                                               self.pad_token_id)
-                    lengths = response_mask.sum(1).tolist()
-                    responses.extend(ids[j, : lengths[j]] for j in range(len(chunk)))
-        finally:
-            self.policy.train(was_training)
-            self.mark_step()
-        return responses
+        ``length_sampler`` draws ``max_new_tokens`` per call; ``batch_size`` splits the prompts into
+        generation batches (None: all at once); ``min_new_tokens`` forces lengths (benchmarks only: it
+        suppresses EOS, so the samples are no longer from the policy)."""
+        max_new = int(length_sampler()) if length_sampler is not None else self.config.output_max_length
+        sampling = SamplingParams(max_new_tokens=max_new, temperature=self.config.temperature,
+                                  min_new_tokens=min_new_tokens)
+        return self.rollout_engine.generate(prompts, sampling, batch_size=batch_size)
+
+    def generate(self, prompts: Sequence[torch.Tensor], length_sampler: Optional[Callable[[], int]] = None,
+                 batch_size: Optional[int] = None, min_new_tokens: int = 0) -> list[torch.Tensor]:
+        """``rollout(...).responses``: 1-D tensors, each cut right after its first EOS (EOS included)."""
+        return self.rollout(prompts, length_sampler, batch_size, min_new_tokens).responses
 
     def ended_with_eos(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
         """Bool per response from ``generate``: True if it finished with EOS (not cut by length)."""
@@ -872,9 +736,11 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- forward passes
 
-    def _build_batch(self, prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> dict[str, Any]:
+    def build_batch(self, prompts: list[torch.Tensor], responses: list[torch.Tensor]) -> dict[str, Any]:
         """Concatenate left-padded prompts (width P) and right-padded responses (width R)."""
-        prompt_ids, prompt_mask = self._pad(prompts, self._prompt_width(max(p.numel() for p in prompts)), "left")
+        longest_prompt = max(p.numel() for p in prompts)
+        prompt_width = padded_width(longest_prompt, self._static_prompt_width, self.config.pad_to_multiple_of)
+        prompt_ids, prompt_mask = self._pad(prompts, prompt_width, "left")
         response_ids, response_mask = self._pad(responses, self._response_width(max(r.numel() for r in responses)),
                                                 "right")
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
@@ -899,7 +765,7 @@ class PPOTrainer:
         """The response positions' logits of the distribution responses are sampled from (``/ temperature``)."""
         return self._response_slice(logits, response_width).float() / self.config.temperature
 
-    def _policy_pass(self, batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_pass(self, batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor]:
         """(sampling logits, values) at the response positions of ``rows``, through ``self.model``.
 
         The one computation behind the old log-probs (rollout) and the new ones (update): both run
@@ -913,7 +779,7 @@ class PPOTrainer:
         return self._sampling_logits(logits, r), values
 
     @torch.no_grad()
-    def _rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Old log-probs, values, reference log-probs and entropies of the sampled responses."""
         was_training = self.policy.training
         self.policy.eval()
@@ -923,7 +789,7 @@ class PPOTrainer:
             for i in range(0, batch["input_ids"].shape[0], self.config.mini_batch_size):
                 rows = slice(i, i + self.config.mini_batch_size)
                 labels = batch["response_ids"][rows]
-                logits, values = self._policy_pass(batch, rows)
+                logits, values = self.policy_pass(batch, rows)
                 parts["logprobs"].append(logprobs_from_logits(logits, labels))
                 parts["entropy"].append(entropy_from_logits(logits))
                 if values is not None:
@@ -964,23 +830,16 @@ class PPOTrainer:
         self.mark_step()
         return float(grad_norm)
 
-    # ---------------------------------------------------------------- PPO step
+    # ---------------------------------------------------------------- experience
 
-    def step(
+    def make_experience(
         self,
         prompt_ids: Sequence[torch.Tensor],
         response_ids: Sequence[torch.Tensor],
         scores: Union[Scores, Sequence[float], torch.Tensor],
-        timings: Optional[dict[str, float]] = None,
-    ) -> dict[str, float]:
-        """One PPO optimisation step on ``batch_size`` rollouts; returns the step's stats.
-
-        ``prompt_ids``: unpadded 1-D prompt tensors; ``response_ids``: responses as returned by
-        ``generate``; ``scores``: ``score``'s result (or one float per rollout, taken as raw and
-        shaped alike); ``timings``: the caller's ``time/*_s`` for generation and scoring, added
-        to the stats and to ``time/step_s``.
-        """
-        start = time.perf_counter()
+        sampler_logprobs: Optional[Sequence[torch.Tensor]] = None,
+    ) -> tuple[Experience, Scores]:
+        """Rollout forward (no grad: old log-probs, values, reference log-probs), then advantages."""
         cfg = self.config
         if not isinstance(scores, Scores):
             flat = torch.as_tensor(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores,
@@ -997,28 +856,107 @@ class PPOTrainer:
         if any(r.numel() == 0 for r in responses):
             raise ValueError("step got an empty response; every response needs at least one token")
 
-        # 1. Rollout forward (no grad): old log-probs, values, reference log-probs.
-        batch = self._build_batch(prompts, responses)
-        rollout = self._rollout_forward(batch)
+        batch = self.build_batch(prompts, responses)
+        rollout = self.rollout_forward(batch)
         mask = batch["response_mask"].float()
+        ended = self.ended_with_eos(responses).to(self.device)
+        loss_mask = mask * ended.unsqueeze(1).float() if cfg.mask_truncated_completions else mask
+        kl = (rollout["logprobs"] - rollout["ref_logprobs"]) * mask
+        kl_coef = self.kl_ctl.value
+        # The KL to the reference is a reward penalty (its weight beta whatever the estimator), or
+        # (use_kl_loss) a k3 loss term in the update instead.
+        advantages, returns = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](AdvantageInputs(
+            scores=shaped, kl=kl, mask=mask, kl_coef=0.0 if cfg.use_kl_loss else kl_coef,
+            values=rollout.get("values"), group_size=cfg.num_generations, gamma=cfg.gamma, lam=cfg.lam,
+            whiten_rewards=cfg.whiten_rewards, scale_rewards=cfg.scale_rewards))
+        sampled, weights = None, None
+        if sampler_logprobs is not None:
+            sampled = torch.nn.utils.rnn.pad_sequence(
+                [torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in sampler_logprobs], batch_first=True
+            ).to(self.device)
+            sampled = torch.nn.functional.pad(sampled, (0, mask.shape[1] - sampled.shape[1]))
+            if cfg.vllm_importance_sampling_correction and not self.rollout_engine.samples_from_policy:
+                weights = torch.exp(rollout["logprobs"] - sampled).clamp(max=cfg.vllm_importance_sampling_cap)
+        experience = Experience(
+            batch=batch, logprobs=rollout["logprobs"], ref_logprobs=rollout["ref_logprobs"],
+            values=rollout.get("values"), entropy=rollout["entropy"], advantages=advantages, returns=returns,
+            mask=mask, loss_mask=loss_mask, kl=kl, kl_coef=kl_coef, ended_with_eos=ended,
+            sampler_logprobs=sampled, is_weights=weights)
+        return experience, scores
+
+    # ---------------------------------------------------------------- update
+
+    def _loss_window(self, loss_mask: torch.Tensor) -> LossWindow:
+        """The normalisers of the accumulation window whose rows' loss tokens are ``loss_mask``."""
+        tokens = loss_mask.sum()
+        if self.num_processes > 1:  # every process's tokens, so the step is one token mean over all of them
+            tokens = self.accelerator.reduce(tokens.to(self.device), reduction="sum") / self.num_processes
+        return LossWindow(tokens=float(tokens), sequences=loss_mask.shape[0],
+                          minibatches=self.config.gradient_accumulation_steps,
+                          max_length=self.config.output_max_length)
+
+    def minibatch_loss(self, experience: Experience, idx, window: LossWindow
+                       ) -> tuple[torch.Tensor, PolicyLossResult, dict[str, torch.Tensor]]:
+        """The differentiable loss of minibatch rows ``idx`` (already normalised over ``window``), the
+        policy loss's typed result, and display statistics (token means over the minibatch)."""
+        cfg = self.config
+        batch = experience.batch
+        logits, values = self.policy_pass(batch, idx)
+        new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
+        loss_mask = experience.loss_mask[idx]
+        result = POLICY_LOSSES[cfg.importance_sampling_level](
+            new_logprobs, experience.logprobs[idx], experience.advantages[idx], loss_mask,
+            cfg.cliprange, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.cliprange)
+        per_token = result.per_token_loss
+        if experience.is_weights is not None:
+            per_token = per_token * experience.is_weights[idx]
+        stats = {"loss/policy": masked_mean(per_token.detach(), loss_mask), "policy/approxkl": result.approxkl,
+                 "policy/clipfrac": result.clipfrac, "policy/ratio_mean": result.ratio_mean}
+        if cfg.use_kl_loss:
+            token_kl = k3_kl(new_logprobs, experience.ref_logprobs[idx])
+            weighted = token_kl * result.ratio if cfg.use_bias_correction_kl else token_kl
+            per_token = per_token + experience.kl_coef * weighted
+            stats["loss/kl"] = masked_mean(token_kl.detach(), loss_mask)
+        aggregate = LOSS_AGGREGATIONS[cfg.resolved_loss_type]
+        loss = aggregate(per_token, loss_mask, window)
+        if cfg.has_critic:
+            old_values, returns = experience.values[idx], experience.returns[idx]
+            value_loss, value_clipped = clipped_value_loss(values, old_values, returns, cfg.cliprange_value)
+            loss = loss + cfg.vf_coef * aggregate(value_loss, loss_mask, window)
+            stats["loss/value"] = masked_mean(value_loss.detach(), loss_mask)
+            stats["value/clipfrac"] = masked_mean(value_clipped.float(), loss_mask)
+            stats["value/error"] = masked_mean((values.detach() - returns) ** 2, loss_mask)
+        entropy = entropy_from_logits(logits if cfg.entropy_coef else logits.detach())
+        if cfg.entropy_coef:
+            # a token mean over the window whatever --loss_type (TRL: the same meaning for every loss type)
+            loss = loss - cfg.entropy_coef * LOSS_AGGREGATIONS["dapo"](entropy, loss_mask, window)
+        stats["policy/entropy"] = masked_mean(entropy.detach(), experience.mask[idx])
+        stats["loss/total"] = loss.detach() * window.minibatches
+        return loss, result, stats
+
+    def step(
+        self,
+        prompt_ids: Sequence[torch.Tensor],
+        response_ids: Sequence[torch.Tensor],
+        scores: Union[Scores, Sequence[float], torch.Tensor],
+        timings: Optional[dict[str, float]] = None,
+        sampler_logprobs: Optional[Sequence[torch.Tensor]] = None,
+    ) -> dict[str, float]:
+        """One optimisation step on ``batch_size`` rollouts; returns the step's stats.
+
+        ``prompt_ids``: unpadded 1-D prompt tensors; ``response_ids``: responses as returned by
+        ``generate``; ``scores``: ``score``'s result (or one float per rollout, taken as raw and
+        shaped alike); ``timings``: the caller's ``time/*_s`` for generation and scoring, added
+        to the stats and to ``time/step_s``; ``sampler_logprobs``: ``rollout(...).logprobs``, for the
+        sampler/trainer mismatch (and the importance-sampling correction of an engine that is not the
+        policy itself).
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        experience, scores = self.make_experience(prompt_ids, response_ids, scores, sampler_logprobs)
         forward_s = time.perf_counter() - start
 
-        # 2. Rewards and advantages, float32. The KL to the reference is a per-token reward penalty,
-        # or (use_kl_loss) a loss term below instead.
-        kl_coef = self.kl_ctl.value
-        rewards, non_score_reward, kl = compute_rewards(
-            shaped, rollout["logprobs"], rollout["ref_logprobs"], mask, 0.0 if cfg.use_kl_loss else kl_coef
-        )
-        returns = None
-        if cfg.has_critic:
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = compute_gae(rollout["values"], rewards, mask, cfg.gamma, cfg.lam)
-        else:  # one advantage per response, from its group's returns, on every one of its tokens
-            advantages = group_advantages(rewards.sum(1), cfg.num_generations, cfg.advantage_estimator)
-            advantages = advantages.unsqueeze(1) * mask
-
-        # 3. PPO epochs over shuffled minibatches with gradient accumulation. Eval mode, as the
+        # PPO epochs over shuffled minibatches with gradient accumulation. Eval mode, as the
         # rollout forward: the same dropout-free computation gives old and new log-probs.
         update_start = time.perf_counter()
         mb_stats: list[dict[str, float]] = []
@@ -1029,34 +967,21 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self._shuffle).to(self.device)
             for b in range(0, cfg.batch_size, cfg.backward_batch_size):
+                window = self._loss_window(experience.loss_mask[order[b : b + cfg.backward_batch_size]])
                 did_backward = False
                 for m in range(b, b + cfg.backward_batch_size, cfg.mini_batch_size):
                     idx = order[m : m + cfg.mini_batch_size]
-                    logits, values = self._policy_pass(batch, idx)
-                    new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
-                    loss, stats = clipped_policy_loss(new_logprobs, rollout["logprobs"][idx], advantages[idx],
-                                                      mask[idx], cfg.cliprange)
-                    if cfg.has_critic:
-                        value_loss, value_stats = clipped_value_loss(values, rollout["values"][idx], returns[idx],
-                                                                     mask[idx], cfg.cliprange_value)
-                        loss = loss + cfg.vf_coef * value_loss
-                        stats.update(value_stats)
-                    if cfg.use_kl_loss:
-                        kl_loss = masked_mean(k3_kl(new_logprobs, rollout["ref_logprobs"][idx]), mask[idx])
-                        loss = loss + kl_coef * kl_loss
-                        stats["loss/kl"] = kl_loss.detach()
-                    stats["loss/total"] = loss.detach()
-                    stats["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask[idx])
+                    loss, result, stats = self.minibatch_loss(experience, idx, window)
                     stats = dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
-                    decide = self._reduce({k: stats[k] for k in ("policy/approxkl", "policy/ratio_mean")})
                     mb_stats.append(stats)
-                    if cfg.early_stopping and decide["policy/approxkl"] > 1.5 * cfg.target_kl:
+                    approxkl, ratio_mean = self._reduce_tensor(torch.stack([result.approxkl, result.ratio_mean]))
+                    if cfg.early_stopping and approxkl > 1.5 * cfg.target_kl:
                         early_stopped = True  # stop before pushing the policy further away
                         break
-                    if not decide["policy/ratio_mean"] <= cfg.ratio_threshold:  # also catches NaN
+                    if not ratio_mean <= cfg.ratio_threshold:  # also catches NaN
                         skipped += 1
                         continue
-                    self._backward(loss / cfg.gradient_accumulation_steps)
+                    self._backward(loss)
                     did_backward = True
                 if early_stopped:
                     self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
@@ -1066,43 +991,9 @@ class PPOTrainer:
             if early_stopped:
                 break
         self.policy.train()
+        self.rollout_engine.push_weights(self.policy.model)
         update_s = time.perf_counter() - update_start
-
-        # 4. Stats (averaged over processes), then the KL controller update. The reward model's
-        # raw score comes first: it is the result; the shaped score is what PPO optimised.
-        lengths = mask.sum(1)
-        kl_per_seq = kl.sum(1)
-        non_score_per_seq = non_score_reward.sum(1)
-        stats: dict[str, float] = {
-            "objective/raw_scores": scores.raw.mean().item(),
-            "objective/eos_penalty": scores.eos_penalty.mean().item(),
-            "objective/scores": shaped.mean().item(),
-            "objective/kl": kl_per_seq.mean().item(),
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": (-rollout["logprobs"] * mask).sum(1).mean().item(),
-            "objective/token_entropy": masked_mean(rollout["entropy"], mask).item(),
-            "objective/non_score_reward": non_score_per_seq.mean().item(),
-            "objective/rlhf_reward": (shaped + non_score_per_seq).mean().item(),
-            "response/length": lengths.mean().item(),
-            "response/ended_with_eos": self.ended_with_eos(responses).float().mean().item(),
-            "ppo/early_stopped": float(early_stopped),
-            "ppo/skipped_minibatches": float(skipped),
-            "ppo/minibatches": float(len(mb_stats)),
-            "ppo/optimizer_steps": float(len(grad_norms)),
-            "ppo/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
-            "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
-            "ppo/first_minibatch_approxkl": mb_stats[0]["policy/approxkl"],
-        }
-        if cfg.has_critic:
-            stats["value/mean"] = masked_mean(rollout["values"], mask).item()
-            stats["returns/mean"] = masked_mean(returns, mask).item()
-        else:
-            stats["advantages/zero_groups"] = float((advantages.abs().sum(1).reshape(-1, cfg.num_generations)
-                                                     .sum(1) == 0).float().mean())
-        for key in mb_stats[0]:
-            stats[key] = float(np.mean([s[key] for s in mb_stats]))
-        stats = self._reduce(stats)
-        stats["objective/kl_coef"] = kl_coef
+        stats = self._step_stats(experience, scores, mb_stats, grad_norms, skipped, early_stopped)
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.num_processes)
         self.current_step += 1
 
@@ -1113,6 +1004,60 @@ class PPOTrainer:
             "time/update_s": update_s,
             "time/step_s": sum(timings.values()) + time.perf_counter() - start,
         })
+        return stats
+
+    def _reduce_tensor(self, values: torch.Tensor) -> list[float]:
+        """Mean over processes of a small tensor of statistics, as floats (one collective)."""
+        values = values.detach().float()
+        if self.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.device), reduction="mean")
+        return values.tolist()
+
+    def _step_stats(self, exp: Experience, scores: Scores, mb_stats: list[dict[str, float]],
+                    grad_norms: list[float], skipped: int, early_stopped: bool) -> dict[str, float]:
+        """The step's statistics, averaged over processes. The reward model's raw score comes first: it is
+        the result; the shaped score is what the update optimised."""
+        cfg = self.config
+        mask = exp.mask
+        kl_per_seq = exp.kl.sum(1)
+        non_score_per_seq = -(0.0 if cfg.use_kl_loss else exp.kl_coef) * kl_per_seq
+        shaped = scores.shaped.to(self.device)
+        stats: dict[str, float] = {
+            "objective/raw_scores": scores.raw.mean().item(),
+            "objective/eos_penalty": scores.eos_penalty.mean().item(),
+            "objective/scores": shaped.mean().item(),
+            "objective/kl": kl_per_seq.mean().item(),
+            "objective/kl_coef": exp.kl_coef,
+            "objective/entropy": (-exp.logprobs * mask).sum(1).mean().item(),
+            "objective/token_entropy": masked_mean(exp.entropy, mask).item(),
+            "objective/non_score_reward": non_score_per_seq.mean().item(),
+            "objective/rlhf_reward": (shaped + non_score_per_seq).mean().item(),
+            "response/length": mask.sum(1).mean().item(),
+            "response/ended_with_eos": exp.ended_with_eos.float().mean().item(),
+            "ppo/early_stopped": float(early_stopped),
+            "ppo/skipped_minibatches": float(skipped),
+            "ppo/minibatches": float(len(mb_stats)),
+            "ppo/optimizer_steps": float(len(grad_norms)),
+            "ppo/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "ppo/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
+            "ppo/first_minibatch_approxkl": mb_stats[0]["policy/approxkl"],
+        }
+        if exp.sampler_logprobs is not None:  # the sampler's log-probs against the trainer's, as TRL/verl log
+            gap = (exp.sampler_logprobs - exp.logprobs).abs() * mask
+            stats["rollout/logprob_mismatch_max"] = gap.max().item()
+            stats["rollout/logprob_mismatch_mean"] = (gap.sum() / mask.sum()).item()
+            if exp.is_weights is not None:
+                stats["rollout/is_ratio_mean"] = masked_mean(exp.is_weights, mask).item()
+        if cfg.has_critic:
+            stats["value/mean"] = masked_mean(exp.values, mask).item()
+            stats["returns/mean"] = masked_mean(exp.returns, mask).item()
+        else:
+            stats["advantages/zero_groups"] = float((exp.advantages.abs().sum(1).reshape(-1, cfg.num_generations)
+                                                     .sum(1) == 0).float().mean())
+        for key in mb_stats[0]:
+            stats[key] = float(np.mean([s[key] for s in mb_stats]))
+        stats = self._reduce(stats)
+        stats["objective/kl_coef"] = exp.kl_coef
         return stats
 
     # ---------------------------------------------------------------- evaluation
@@ -1138,8 +1083,8 @@ class PPOTrainer:
             responses = self.generate(chunk)
             extra = {"columns": {k: v[i : i + size] for k, v in columns.items()}} if columns else {}
             scores = self.score(texts, responses, **extra)
-            batch = self._build_batch(chunk, responses)
-            rollout = self._rollout_forward(batch)
+            batch = self.build_batch(chunk, responses)
+            rollout = self.rollout_forward(batch)
             mask = batch["response_mask"].float()
             kl = ((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1)
             totals["eval/raw_scores"] += scores.raw.sum().item()

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from rlhf.errors import UserError
-from rlhf.sequences import pad_sequences, truncate_after_eos
+from rlhf.sequences import pad_sequences, padded_width, truncate_after_eos
 
 logger = logging.getLogger("rlhf")
 
@@ -47,10 +47,32 @@ def register_engine(name: str):
     return register
 
 
+#: engines in modules of their own, imported only when chosen (their dependencies are optional)
+OPTIONAL_ENGINES = {"vllm": ("rlhf.vllm_engine", "vllm", "make setup-vllm (its own venv, .venv-vllm)")}
+
+
+def check_engine_available(name: str) -> None:
+    """Refuse (one line) an unknown engine, or one whose package is not installed, before any model loads."""
+    import importlib.util
+
+    if name in ROLLOUT_ENGINES:
+        return
+    if name not in OPTIONAL_ENGINES:
+        known = sorted({*ROLLOUT_ENGINES, *OPTIONAL_ENGINES})
+        raise UserError(f"--rollout_engine {name} is unknown; use one of {', '.join(known)}")
+    _, package, install = OPTIONAL_ENGINES[name]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"--rollout_engine {name} needs the {package} package, which is not installed here; "
+                        f"install it with {install}, or use --rollout_engine hf")
+
+
 def make_engine(name: str, **kwargs) -> "RolloutEngine":
     """The engine registered as ``name``, built with ``kwargs`` (each engine documents its own)."""
+    check_engine_available(name)
     if name not in ROLLOUT_ENGINES:
-        raise UserError(f"--rollout_engine {name} is unknown; use one of {', '.join(sorted(ROLLOUT_ENGINES))}")
+        import importlib
+
+        importlib.import_module(OPTIONAL_ENGINES[name][0])  # registers it
     return ROLLOUT_ENGINES[name](**kwargs)
 
 
@@ -60,6 +82,8 @@ class SamplingParams:
 
     max_new_tokens: int
     temperature: float = 1.0
+    #: benchmarks only: forces at least this many tokens (suppresses EOS, so no longer the policy's samples)
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -117,6 +141,8 @@ def clean_generation_config(model, sampling: SamplingParams, eos_token_id: int, 
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                               max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id, use_cache=True)
+    if sampling.min_new_tokens:
+        config.min_new_tokens = sampling.min_new_tokens
     base = getattr(model, "generation_config", None)
     for flag in ("attn_softmax_bf16", "use_flash_attention", "flash_attention_recompute",
                  "flash_attention_causal_mask", "use_fused_rope", "reuse_cache", "bucket_size"):
@@ -186,10 +212,6 @@ class _SamplerLogprobs:
         return torch.stack(self.picked, dim=1)
 
 
-def _round_up(n: int, multiple: Optional[int]) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
-
-
 def _no_op() -> None:
     pass
 
@@ -227,14 +249,6 @@ class HFEngine(RolloutEngine):
             logger.info("Rollouts ignore the checkpoint's generation_config %s: they sample from softmax(logits / "
                         "temperature), the distribution every log-prob of the update assumes", ignored)
 
-    def prompt_width(self, longest: int) -> int:
-        if self.static_prompt_width is not None:
-            if longest > self.static_prompt_width:
-                raise UserError(f"a prompt has {longest} tokens, more than --pad_max_input_len "
-                                f"{self.static_prompt_width}; raise --pad_max_input_len or truncate prompts")
-            longest = self.static_prompt_width
-        return _round_up(longest, self.pad_to_multiple_of)
-
     @torch.no_grad()
     def generate(self, prompts: Sequence[torch.Tensor], sampling: SamplingParams,
                  batch_size: Optional[int] = None) -> Rollout:
@@ -255,7 +269,7 @@ class HFEngine(RolloutEngine):
                     _generation_config_swapped(self.model, config):
                 for i in range(0, len(rows), step):
                     chunk = rows[i : i + step]
-                    width = self.prompt_width(max(r.numel() for r in chunk))
+                    width = padded_width(max(r.numel() for r in chunk), self.static_prompt_width, self.pad_to_multiple_of)
                     padded = pad_sequences(chunk, self.pad_token_id, side="left", pad_to=width, device=self.device)
                     recorder = _SamplerLogprobs(sampling.temperature)
                     output = self.model.generate(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],

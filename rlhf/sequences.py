@@ -40,6 +40,27 @@ def pad_sequences(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1 (over all dims, or along ``dim``); 0 where none is."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def padded_width(longest: int, fixed: int | None = None, multiple: int | None = None) -> int:
+    """Width to pad a batch to: ``longest``, or the static ``fixed`` width (HPU graphs: one shape; a longer
+    sequence is refused), rounded up to a multiple of ``multiple`` (fewer shapes)."""
+    if fixed is not None:
+        if longest > fixed:
+            from rlhf.errors import UserError
+
+            raise UserError(f"a prompt has {longest} tokens, more than --pad_max_input_len {fixed}; "
+                            "raise --pad_max_input_len or truncate prompts")
+        longest = fixed
+    return longest if not multiple else -(-longest // multiple) * multiple
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``."""
     logits = logits.float()

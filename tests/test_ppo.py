@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from rlhf.errors import UserError
+from rlhf.advantages import compute_gae, compute_rewards, group_advantages, masked_var, masked_whiten
+from rlhf.policy_loss import POLICY_LOSSES, clipped_value_loss, k3_kl
 from rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -15,20 +17,9 @@ from rlhf.ppo import (
     PPOConfig,
     PPOTrainer,
     ValueHead,
-    clipped_policy_loss,
-    clipped_value_loss,
-    compute_gae,
-    compute_rewards,
-    entropy_from_logits,
-    group_advantages,
-    k3_kl,
     load_value_head,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    truncate_after_eos,
 )
+from rlhf.sequences import entropy_from_logits, logprobs_from_logits, masked_mean, truncate_after_eos
 
 torch.set_num_threads(2)
 
@@ -154,19 +145,22 @@ def test_ppo_losses_with_active_clipping():
     vpred = torch.tensor([[1.0, 0.0, 50.0]])
     old_values = torch.tensor([[0.5, 0.5, 0.0]])
     returns = torch.tensor([[2.0, 0.0, 0.0]])
-    pg_loss, stats = clipped_policy_loss(new, old, adv, mask, 0.2)
-    vf_loss, value_stats = clipped_value_loss(vpred, old_values, returns, mask, 0.2)
-    stats.update(value_stats)
-    loss = pg_loss + 0.1 * vf_loss
+    result = POLICY_LOSSES["token"](new, old, adv, mask, 0.2, 0.2)
+    vf_loss, vf_clipped = clipped_value_loss(vpred, old_values, returns, 0.2)
+    pg_loss = masked_mean(result.per_token_loss, mask)
+    loss = pg_loss + 0.1 * masked_mean(vf_loss, mask)
     # policy: -A*r = [-1.5, -0.5]; -A*clip(r) = [-1.2, -0.8]; max = [-1.2, -0.5] -> mean -0.85
-    assert stats["loss/policy"].item() == pytest.approx(-0.85)
-    assert stats["policy/clipfrac"].item() == pytest.approx(0.5)
+    assert pg_loss.item() == pytest.approx(-0.85)
+    assert result.clipfrac.item() == pytest.approx(0.5)
     # value: clipped preds [0.7, 0.3]; squared errors [1, 0] vs [1.69, 0.09] -> 0.5 * mean(max) = 0.445
-    assert stats["loss/value"].item() == pytest.approx(0.445)
-    assert stats["value/clipfrac"].item() == pytest.approx(1.0)
+    assert masked_mean(vf_loss, mask).item() == pytest.approx(0.445)
+    assert masked_mean(vf_clipped.float(), mask).item() == pytest.approx(1.0)
     assert loss.item() == pytest.approx(-0.85 + 0.1 * 0.445)
-    assert stats["policy/ratio_mean"].item() == pytest.approx(1.0)
-    assert stats["policy/approxkl"].item() == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(0.5) ** 2))
+    assert result.ratio_mean.item() == pytest.approx(1.0)
+    assert result.approxkl.item() == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(0.5) ** 2))
+    # clip-higher: the upper bound moves to 1.28, so the ratio 1.5 is clipped at 1.28 instead of 1.2
+    higher = POLICY_LOSSES["token"](new, old, adv, mask, 0.2, 0.28)
+    assert masked_mean(higher.per_token_loss, mask).item() == pytest.approx((-1.28 - 0.5) / 2)
 
 
 @pytest.mark.parametrize(
@@ -324,10 +318,10 @@ def test_policy_forward_is_padding_invariant(tiny_dir, tokenizer):
     trainer = make_trainer(tiny_dir, tokenizer)
     prompts = [torch.tensor([1, 20, 30]), torch.tensor([1, 40, 50, 60, 70])]
     responses = [torch.tensor([11, 12, 2]), torch.tensor([13])]
-    batch = trainer._build_batch(prompts, responses)
+    batch = trainer.build_batch(prompts, responses)
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]]
     assert batch["position_ids"][0, 2:6].tolist() == [0, 1, 2, 3]
-    rollout = trainer._rollout_forward(batch)
+    rollout = trainer.rollout_forward(batch)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids = torch.cat([p, r])[None]
         logits, values = trainer.policy(ids, torch.ones_like(ids))
@@ -347,7 +341,7 @@ def test_generate_cuts_after_eos_and_static_padding(tiny_dir, tokenizer):
     for r in responses:
         assert 1 <= r.numel() <= GEN_TOKENS
         assert eos not in r[:-1].tolist()  # EOS, if any, is the last token
-    batch = trainer._build_batch(prompts * 4, responses)
+    batch = trainer.build_batch(prompts * 4, responses)
     assert batch["input_ids"].shape == (8, 16 + GEN_TOKENS)  # static shapes
     with pytest.raises(UserError, match="pad_max_input_len"):
         trainer.generate([torch.arange(3, 30)])
@@ -408,7 +402,7 @@ def test_first_minibatch_ratio_is_exactly_one_with_lora_dropout(tiny_dir, tokeni
     history = [rollout_step(trainer, texts) for _ in range(3)]
     assert any(v.abs().sum() > 0 for k, v in lora_and_head(trainer.policy).items() if "lora_B" in k)
     ids = prompt_ids(tokenizer, texts)
-    batch = trainer._build_batch(ids, trainer.generate(ids))
+    batch = trainer.build_batch(ids, trainer.generate(ids))
     trainer.policy.train()  # the dropout is real: two train-mode forwards differ
     noisy = [trainer.policy(batch["input_ids"], batch["attention_mask"])[0] for _ in range(2)]
     assert not torch.equal(*noisy)
@@ -426,8 +420,8 @@ def test_logprobs_are_those_of_the_temperature_scaled_distribution(tiny_dir, tok
 
     # transformers' own generate is the oracle of the sampling distribution: its processed scores.
     torch.manual_seed(0)
-    kwargs = {**trainer.config.generation_kwargs(), "pad_token_id": trainer.pad_token_id,
-              "eos_token_id": trainer.eos_token_id}
+    kwargs = {"max_new_tokens": trainer.config.output_max_length, "do_sample": True, "temperature": temperature,
+              "top_k": 0, "top_p": 1.0, "pad_token_id": trainer.pad_token_id, "eos_token_id": trainer.eos_token_id}
     padded = trainer._pad(ids, max(len(i) for i in ids), "left")
     out = trainer.policy.model.eval().generate(input_ids=padded[0], attention_mask=padded[1], output_scores=True,
                                                return_dict_in_generate=True, **kwargs)
@@ -437,8 +431,8 @@ def test_logprobs_are_those_of_the_temperature_scaled_distribution(tiny_dir, tok
 
     responses = [row[: n] for row, n in zip(sampled, truncate_after_eos(sampled, trainer.eos_token_id,
                                                                           trainer.pad_token_id)[1].sum(1))]
-    batch = trainer._build_batch(ids, responses)
-    rollout = trainer._rollout_forward(batch)
+    batch = trainer.build_batch(ids, responses)
+    rollout = trainer.rollout_forward(batch)
     mask = batch["response_mask"].bool()
     width = mask.shape[1]
     torch.testing.assert_close(rollout["logprobs"][mask], from_generate[:, :width][mask], atol=1e-5, rtol=0)
@@ -456,7 +450,7 @@ def test_logprobs_are_those_of_the_temperature_scaled_distribution(tiny_dir, tok
     torch.testing.assert_close(rollout["ref_logprobs"][mask], ref_by_hand[mask], atol=1e-5, rtol=0)
     assert not torch.allclose(rollout["logprobs"][mask], rollout["ref_logprobs"][mask])
     # The update pass: the same computation, with gradients.
-    update_logits, _ = trainer._policy_pass(batch, slice(0, 2))
+    update_logits, _ = trainer.policy_pass(batch, slice(0, 2))
     update = logprobs_from_logits(update_logits, batch["response_ids"])
     torch.testing.assert_close(update.detach()[mask], by_hand[mask], atol=1e-5, rtol=0)
 
