@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed
 	# (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the venv's ninja, so no test rebuilds it).
 	$(PY) -m pip install --quiet -r requirements-deepspeed.txt
 	PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
-		$(PY) -m rlhf.zero --build-ops
+		$(PY) -m rlhf.deepspeed_ops
 	touch $@
 
 setup: $(VENV)/.installed

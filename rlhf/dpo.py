@@ -48,6 +48,8 @@ import torch.nn.functional as F
 
 from rlhf.errors import UserError
 from rlhf.modeling import position_ids_from_mask
+from rlhf.rollout import HFEngine, SamplingParams
+from rlhf.sequences import is_peft_model, logprobs_from_logits, pad_sequences
 from rlhf.tokenization import encode_text, keep_end
 
 logger = logging.getLogger("rlhf")
@@ -123,9 +125,7 @@ def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
-    logits = outputs.logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_logps = logprobs_from_logits(outputs.logits[:, :-1], input_ids[:, 1:])
     mask = completion_mask[:, 1:].to(token_logps.dtype)
     return (token_logps * mask).sum(-1)
 
@@ -193,19 +193,9 @@ class DPOPairCollator:
 def pad_right(sequences: Sequence[Sequence[int]], completion_masks: Sequence[Sequence[int]], pad_id: int,
               pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``completion_mask`` (N, T), right-padded; T the longest or ``pad_to``."""
-    length = max(len(ids) for ids in sequences)
-    if pad_to is not None:
-        if length > pad_to:
-            raise ValueError(f"a sequence of {length} tokens is longer than pad_to={pad_to}")
-        length = pad_to
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(sequences, completion_masks)):
-        input_ids[i, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-        completion_mask[i, : len(ids)] = torch.as_tensor(list(mask), dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = pad_sequences(sequences, pad_id, "right", pad_to)
+    batch["completion_mask"] = pad_sequences(completion_masks, 0, "right", batch["input_ids"].shape[1])["input_ids"]
+    return batch
 
 
 # ---------------------------------------------------------------- metrics
@@ -233,10 +223,6 @@ def dpo_metrics(eval_pred) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- trainer
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -392,40 +378,20 @@ def prompt_ids_like_sft(tokenizer, prompt: str, max_prompt_length: int) -> list[
     return keep_end(encode_text(tokenizer, prompt), max_prompt_length)
 
 
-@torch.no_grad()
 def sample_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_prompt_length: int,
                      batch_size: int, seed: int, device) -> list[list[int]]:
-    """Sample one response per prompt (temperature 1, no top-k/top-p, seeded: the same noise before
-    and after training); each response's token ids up to and including the first EOS."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
+    """Sample one response per prompt with the ``hf`` rollout engine, PPO's sampler (temperature 1, nothing
+    truncated, the checkpoint's generation_config ignored; seeded: the same noise before and after
+    training); each response's token ids up to and including the first EOS."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    responses: list[list[int]] = []
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+    rows = [torch.tensor(prompt_ids_like_sft(tokenizer, p, max_prompt_length)) for p in prompts]
     try:
-        for start in range(0, len(prompts), batch_size):
-            rows = [prompt_ids_like_sft(tokenizer, p, max_prompt_length) for p in prompts[start : start + batch_size]]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):  # left padding for generation
-                input_ids[i, width - len(row):] = torch.tensor(row)
-                attention_mask[i, width - len(row):] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
-                temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                eos_token_id=eos, use_cache=True,  # training turned the config's cache off
-            )
-            for generated in output[:, width:].tolist():
-                if eos is not None and eos in generated:
-                    generated = generated[: generated.index(eos) + 1]
-                responses.append(generated)
+        rollout = engine.generate(rows, SamplingParams(max_new_tokens=max_new_tokens), batch_size=batch_size)
     finally:
         torch.set_rng_state(state)
-        model.train(was_training)
-    return responses
+    return [response.tolist() for response in rollout.responses]
 
 
 @torch.no_grad()

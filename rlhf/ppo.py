@@ -81,17 +81,8 @@ from rlhf.sequences import (
     pad_sequences,
     padded_width,
 )
-from rlhf.zero import (
-    PPOEngineSteps,
-    deepspeed_engine,
-    frozen_under_zero3,
-    full_parameters,
-    gathered_state_dict,
-    is_partitioned,
-    load_engine_state,
-    plain_copy,
-    save_engine_state,
-)
+from rlhf.strategy import strategy_for
+from rlhf.zero import frozen_under_zero3, plain_copy
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 TRAINER_STATE_FILE = "ppo_state.pt"  # in a checkpoint: step, KL controller, optimizer, rank 0's RNG
@@ -647,15 +638,17 @@ class PPOTrainer:
         self.num_processes = accelerator.num_processes
         self.model, self.optimizer = accelerator.prepare(policy, optimizer or make_optimizer(policy, config))
         self.device = accelerator.device
-        # Under DeepSpeed the engine runs backward and step, PPO ending each accumulation window.
-        self.engine = deepspeed_engine(self.model)
-        self._engine_steps = PPOEngineSteps(self.engine) if self.engine is not None else None
+        # accelerate/DDP/Gaudi or the DeepSpeed engine (the trainer ending each accumulation window)
+        self.strategy = strategy_for(accelerator, self.model, config.max_grad_norm, self.mark_step)
+        self.engine = self.strategy.engine  # the DeepSpeed engine, None without
         if policy.ref_model is not None:
             policy.ref_model = frozen_under_zero3(policy.ref_model.to(self.device), accelerator)
         self.rollout_engine = rollout_engine or HFEngine(
             policy.model, self.eos_token_id, self.pad_token_id, self.device, deepspeed_engine=self.engine,
             static_prompt_width=self._static_prompt_width, pad_to_multiple_of=config.pad_to_multiple_of,
             mark_step=self.mark_step)
+        if not self.rollout_engine.samples_from_policy:
+            self.rollout_engine.push_weights(policy.model)  # a resumed adapter (or LoRA's init), before sampling
         # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without
         _set_seed(config.seed + accelerator.process_index)
         self._shuffle = torch.Generator().manual_seed(config.seed + accelerator.process_index)
@@ -808,27 +801,11 @@ class PPOTrainer:
             return values
         keys = sorted(values)
         tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float32, device=self.device)
-        tensor = self.accelerator.reduce(tensor, reduction="mean")
-        return dict(zip(keys, tensor.tolist()))
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._engine_steps is not None:
-            self._engine_steps.backward(loss)
-        else:
-            self.accelerator.backward(loss)
-        self.mark_step()
+        return dict(zip(keys, self.strategy.reduce(tensor).tolist()))
 
     def _optimizer_step(self) -> float:
         """End of an accumulation window: clip, step, zero the gradients; returns the norm before clipping."""
-        if self._engine_steps is not None:
-            return self._engine_steps.step()  # the engine clips to its gradient_clipping (= --max_grad_norm)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.mark_step()
-        return float(grad_norm)
+        return self.strategy.optimizer_step([p for p in self.policy.parameters() if p.requires_grad], self.optimizer)
 
     # ---------------------------------------------------------------- experience
 
@@ -888,9 +865,8 @@ class PPOTrainer:
 
     def _loss_window(self, loss_mask: torch.Tensor) -> LossWindow:
         """The normalisers of the accumulation window whose rows' loss tokens are ``loss_mask``."""
-        tokens = loss_mask.sum()
-        if self.num_processes > 1:  # every process's tokens, so the step is one token mean over all of them
-            tokens = self.accelerator.reduce(tokens.to(self.device), reduction="sum") / self.num_processes
+        # every process's tokens, so that the step is one token mean over all of them
+        tokens = self.strategy.reduce(loss_mask.sum(), reduction="sum") / self.num_processes
         return LossWindow(tokens=float(tokens), sequences=loss_mask.shape[0],
                           minibatches=self.config.gradient_accumulation_steps,
                           max_length=self.config.output_max_length)
@@ -981,7 +957,7 @@ class PPOTrainer:
                     if not ratio_mean <= cfg.ratio_threshold:  # also catches NaN
                         skipped += 1
                         continue
-                    self._backward(loss)
+                    self.strategy.backward(loss)
                     did_backward = True
                 if early_stopped:
                     self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
@@ -991,9 +967,12 @@ class PPOTrainer:
             if early_stopped:
                 break
         self.policy.train()
-        self.rollout_engine.push_weights(self.policy.model)
         update_s = time.perf_counter() - update_start
         stats = self._step_stats(experience, scores, mb_stats, grad_norms, skipped, early_stopped)
+        if not self.rollout_engine.samples_from_policy:  # the engine samples the next step from these weights
+            pushed = time.perf_counter()
+            self.rollout_engine.push_weights(self.policy.model)
+            stats["time/push_s"] = time.perf_counter() - pushed
         self.kl_ctl.update(stats["objective/kl"], cfg.batch_size * self.num_processes)
         self.current_step += 1
 
@@ -1008,10 +987,7 @@ class PPOTrainer:
 
     def _reduce_tensor(self, values: torch.Tensor) -> list[float]:
         """Mean over processes of a small tensor of statistics, as floats (one collective)."""
-        values = values.detach().float()
-        if self.num_processes > 1:
-            values = self.accelerator.reduce(values.to(self.device), reduction="mean")
-        return values.tolist()
+        return self.strategy.reduce(values.detach().float()).tolist()
 
     def _step_stats(self, exp: Experience, scores: Scores, mb_stats: list[dict[str, float]],
                     grad_norms: list[float], skipped: int, early_stopped: bool) -> dict[str, float]:
@@ -1120,8 +1096,8 @@ class PPOTrainer:
         return {
             "step": self.current_step,
             "kl_ctl": self.kl_ctl.state_dict(),
-            # Under DeepSpeed the engine saves its partitioned optimizer itself (save_state).
-            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
+            # Under DeepSpeed the engine saves its partitioned optimizer itself (save_state): None here.
+            "optimizer": self.strategy.optimizer_state(self.optimizer),
             "rng": rng,
             "config": asdict(self.config),
         }
@@ -1133,11 +1109,7 @@ class PPOTrainer:
         given to the resumed command, such as a new ``--target``, take effect."""
         self.current_step = int(state["step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        if state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        elif self.engine is None:
-            raise UserError("this checkpoint was written by a DeepSpeed run (its optimizer state is the engine's); "
-                            "resume it with the same --deepspeed config")
+        self.strategy.load_optimizer_state(self.optimizer, state["optimizer"])
         rng = state["rng"]
         random.setstate(_as_tuple(rng["python"]))
         kind, keys, *rest = rng["numpy"]
@@ -1156,8 +1128,7 @@ class PPOTrainer:
         (every rank writes its optimizer partition)."""
         folder = Path(folder)
         state = self.state_dict()
-        if self.engine is not None:
-            save_engine_state(self.engine, folder)
+        self.strategy.save_engine(folder)
         rank = self.accelerator.process_index
         if rank == 0:
             torch.save(state, folder / TRAINER_STATE_FILE)
@@ -1171,8 +1142,7 @@ class PPOTrainer:
         own_rng = folder / RANK_RNG_FILE.format(rank=self.accelerator.process_index)
         if own_rng.is_file():  # absent for rank 0, and in checkpoints written before ranks kept their own
             state["rng"] = torch.load(own_rng, weights_only=True)["rng"]
-        if self.engine is not None:
-            load_engine_state(self.engine, folder)
+        self.strategy.load_engine(folder)
         self.load_state_dict(state)
 
     def save_policy(self, output_dir, merged_dir=None) -> None:
@@ -1182,13 +1152,11 @@ class PPOTrainer:
         Under ZeRO-3 the weights are first gathered from every rank's partitions (a collective), the
         main process holding a CPU copy: of the trained weights alone when nothing is merged."""
         is_main = self.accelerator.is_main_process
-        partitioned = any(is_partitioned(p) for p in self.policy.parameters())
-        state = None
-        if partitioned:
-            trained_only = self.policy.is_peft and merged_dir is None
-            state = gathered_state_dict(self.policy, is_main, trainable_only=trained_only)
+        trained_only = self.policy.is_peft and merged_dir is None
+        state = self.strategy.weights_to_save(self.policy, is_main, trained_only)  # ZeRO-3: gathered
         if not is_main:
             return
+        partitioned = state is not None
         self.policy.save_pretrained(str(output_dir), state_dict=state)
         if merged_dir is not None:
             model = plain_copy(self.policy.model, _submodule_state(state, "model")) if partitioned else self.policy.model

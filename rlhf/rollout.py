@@ -138,12 +138,14 @@ def clean_generation_config(model, sampling: SamplingParams, eos_token_id: int, 
     ``temperature`` stays 1 here: the engine applies it itself, before recording log-probs."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, use_cache=True)
+    base = getattr(model, "generation_config", None)
+    # optimum-habana's GaudiGenerationConfig carries its generate's own switches: a fresh one of that class
+    config_class = type(base) if isinstance(base, GenerationConfig) else GenerationConfig
+    config = config_class(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_token_id,
+                          pad_token_id=pad_token_id, use_cache=True)
     if sampling.min_new_tokens:
         config.min_new_tokens = sampling.min_new_tokens
-    base = getattr(model, "generation_config", None)
     for flag in ("attn_softmax_bf16", "use_flash_attention", "flash_attention_recompute",
                  "flash_attention_causal_mask", "use_fused_rope", "reuse_cache", "bucket_size"):
         if base is not None and hasattr(base, flag):  # optimum-habana's kernel switches: not sampling settings

@@ -27,15 +27,11 @@ the stage scripts add around it:
   passes outside the engine under ZeRO-3), the engine's fetch/release hooks off meanwhile.
 - PPO (``rl_training.py``, not on the Trainer path): ``ppo_deepspeed_plugin`` builds accelerate's
   ``DeepSpeedPlugin`` from ``--deepspeed CONFIG`` or ``accelerate launch --use_deepspeed`` with the
-  config's ``auto`` values filled from PPO's settings, and ``PPOEngineSteps`` runs PPO's backward and
-  optimizer step through the engine, PPO ending each accumulation window; ``save_engine_state`` /
-  ``load_engine_state`` are the engine's own checkpoint on every rank.
-- Memory per device for docs/distributed.md: ``model_states_bytes`` (the ZeRO paper's formulas),
-  ``memory_table`` (Llama-2 7B/13B/70B, SFT/RM/PPO, LoRA/full, ZeRO-2/3) and
-  ``deepspeed_estimates`` (DeepSpeed's own estimators for comparison).
+  config's ``auto`` values filled from PPO's settings; ``rlhf.strategy.DeepSpeedStrategy`` then drives the
+  engine (backward, step, the engine's own checkpoint).
 
-``python -m rlhf.zero --build-ops`` compiles DeepSpeed's run-time C++ ops for this machine into
-``TORCH_EXTENSIONS_DIR`` (``make setup`` does); ``--memory-table`` prints the tables.
+Memory tables for docs/distributed.md are ``rlhf.zero_memory``; building DeepSpeed's C++ ops ahead of
+time is ``python -m rlhf.deepspeed_ops``. Neither is on a run-time path.
 Imports neither torch nor deepspeed at module level.
 """
 
@@ -43,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from rlhf.errors import UserError
@@ -501,191 +496,3 @@ def deepspeed_engine(model):
 
 def zero_stage_of(engine) -> int:
     return 0 if engine is None else int(engine.zero_optimization_stage())
-
-
-class PPOEngineSteps:
-    """PPO's backward and optimizer step through a DeepSpeed engine, PPO deciding the windows.
-
-    ``backward(loss)``: the engine's backward of a loss PPO already divided by its accumulation steps
-    (ZeRO reduces the gradients into partitions; no step). ``step()``: end of PPO's accumulation
-    window: the engine clips (``gradient_clipping``), steps the optimizer and zeroes the gradients;
-    returns the gradient norm before clipping. The engine runs with ``managed_gradient_accumulation``
-    off, so how many backward passes a window had (PPO skips minibatches whose ratio explodes) does
-    not matter."""
-
-    def __init__(self, engine):
-        if engine.managed_gradient_accumulation():
-            raise RuntimeError("the PPO engine must run with managed_gradient_accumulation false "
-                               "(rlhf.zero.ppo_deepspeed_plugin sets it)")
-        self.engine = engine
-
-    def backward(self, loss) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
-
-    def step(self) -> float:
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-
-ENGINE_CHECKPOINT = "deepspeed"  # folder in a PPO checkpoint: the engine's own save_checkpoint
-
-
-def save_engine_state(engine, folder) -> None:
-    """The engine's optimizer state (partitioned: each rank writes its own part) and its trained
-    weights into ``folder/deepspeed``; call on EVERY rank. Frozen weights are left out (they come from
-    the base model; a LoRA checkpoint stays adapter-sized)."""
-    from pathlib import Path
-
-    engine.save_checkpoint(str(Path(folder) / ENGINE_CHECKPOINT), tag="state", exclude_frozen_parameters=True)
-
-
-def load_engine_state(engine, folder) -> None:
-    """Restore what ``save_engine_state`` wrote (every rank; the same number of ranks and ZeRO stage)."""
-    from pathlib import Path
-
-    path = Path(folder) / ENGINE_CHECKPOINT
-    if not (path / "state").is_dir():
-        raise UserError(f"{folder} has no DeepSpeed engine state ({ENGINE_CHECKPOINT}/state); it was not written by a "
-                        "DeepSpeed run - resume it without --deepspeed, or start fresh")
-    loaded, _ = engine.load_checkpoint(str(path), tag="state", load_module_strict=False, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-    if loaded is None:
-        raise UserError(f"could not load the DeepSpeed engine state from {path}; resume with the same number of "
-                        "processes and ZeRO stage as the run that wrote it")
-
-
-# ---------------------------------------------------------------- memory per device (docs/distributed.md)
-
-GIB = 2**30
-BYTES_16BIT = 2  # bf16/fp16 parameters, and their gradients
-BYTES_ADAM = 12  # fp32 master weights + Adam's two moments
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The Llama-2 shapes the memory table uses (hub configs of meta-llama/Llama-2-{7,13,70}b-hf)."""
-
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    kv_dim: int  # hidden / heads * key-value heads (70B uses grouped-query attention)
-    vocab: int = 32000
-
-    def causal_lm(self) -> int:
-        """Parameters of the causal LM (untied embedding and LM head)."""
-        h = self.hidden
-        per_layer = 2 * h * h + 2 * h * self.kv_dim + 3 * h * self.intermediate + 2 * h  # attention, MLP, 2 norms
-        return self.vocab * h + self.layers * per_layer + h + self.vocab * h
-
-    def classifier(self) -> int:
-        """Parameters of the one-output sequence classifier (reward model): no LM head, a ``score`` row."""
-        return self.causal_lm() - self.vocab * self.hidden + self.hidden
-
-    def lora(self, rank: int = 8) -> int:
-        """LoRA parameters on q/k/v/o (our default targets): ``rank * (in + out)`` per projection."""
-        h = self.hidden
-        return self.layers * rank * ((h + h) + (h + self.kv_dim) * 2 + (h + h))
-
-    def largest_layer(self) -> int:
-        return self.vocab * self.hidden
-
-
-LLAMA2 = (LlamaShape("7B", 4096, 32, 11008, 4096), LlamaShape("13B", 5120, 40, 13824, 5120),
-          LlamaShape("70B", 8192, 80, 28672, 1024))
-
-
-def model_states_bytes(total: int, trainable: int, devices: int, stage: int, frozen_models: int = 0) -> float:
-    """Bytes per device of model states for mixed-precision Adam, from the ZeRO paper's formulas.
-
-    ``total`` parameters of the trained model, ``trainable`` of them trained (all: full fine-tune;
-    LoRA: the adapter), ``frozen_models`` parameters of other models kept in 16-bit (PPO's reward
-    model). 16-bit parameters: 2 bytes each, replicated under ZeRO-2 and partitioned over ``devices``
-    under ZeRO-3; trainable parameters add 2 bytes of gradient and 12 of optimizer state, partitioned
-    under both stages."""
-    if stage not in (2, 3):
-        raise ValueError(f"ZeRO stage {stage}: only 2 and 3 are tabulated")
-    partitioned = (BYTES_16BIT + BYTES_ADAM) * trainable / devices
-    weights = BYTES_16BIT * (total + frozen_models)
-    return (weights if stage == 2 else weights / devices) + partitioned
-
-
-def memory_rows(devices: int = 8) -> list[tuple[str, str, str, float, float]]:
-    """(model, stage, PEFT, ZeRO-2 GiB, ZeRO-3 GiB) per device for the Llama-2 sizes.
-
-    PPO: the policy (trained as in SFT, plus a value head) and the reward model (16-bit, frozen); with
-    LoRA the reference policy is the base with the adapter switched off (no copy), with a full
-    fine-tune it is a frozen 16-bit copy."""
-    rows = []
-    for shape in LLAMA2:
-        lm, rm, lora = shape.causal_lm(), shape.classifier(), shape.lora()
-        head = shape.hidden + 1  # PPO's value head
-        cases = {
-            ("SFT", "LoRA"): (lm + lora, lora, 0),
-            ("SFT", "full"): (lm, lm, 0),
-            ("RM", "LoRA"): (rm + lora + shape.hidden, lora + shape.hidden, 0),  # + score head trained in full
-            ("RM", "full"): (rm, rm, 0),
-            ("PPO", "LoRA"): (lm + lora + head, lora + head, rm),
-            ("PPO", "full"): (lm + head, lm + head, rm + lm),
-        }
-        for (stage, peft), (total, trainable, frozen) in cases.items():
-            rows.append((shape.name, stage, peft, model_states_bytes(total, trainable, devices, 2, frozen) / GIB,
-                         model_states_bytes(total, trainable, devices, 3, frozen) / GIB))
-    return rows
-
-
-def memory_table(devices: int = 8) -> str:
-    """``memory_rows`` as the Markdown table in docs/distributed.md."""
-    lines = ["| model | stage | PEFT | ZeRO-2 GiB/device | ZeRO-3 GiB/device |", "|---|---|---|---:|---:|"]
-    for model, stage, peft, zero2, zero3 in memory_rows(devices):
-        lines.append(f"| {model} | {stage} | {peft} | {zero2:.1f} | {zero3:.1f} |")
-    return "\n".join(lines)
-
-
-def deepspeed_estimates(devices: int = 8) -> list[tuple[str, int, float, float, float, float]]:
-    """Full fine-tune of each causal LM, 1 node of ``devices``, no offload: (model, parameters, formula and
-    DeepSpeed-estimator GiB for ZeRO-2, then for ZeRO-3). The estimators count 18 bytes per parameter
-    partitioned (they add an fp32 gradient) where the formula has 14 (ZeRO-2) or 16 (ZeRO-3), and for
-    ZeRO-3 also the largest layer gathered in fp32."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    rows = []
-    for shape in LLAMA2:
-        n = shape.causal_lm()
-        _, ds2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=devices, cpu_offload=False)
-        _, ds3, _ = estimate_zero3_model_states_mem_needs(n, shape.largest_layer(), num_gpus_per_node=devices,
-                                                          cpu_offload=False, cpu_offload_params=False)
-        rows.append((shape.name, n, model_states_bytes(n, n, devices, 2) / GIB, ds2 / GIB,
-                     model_states_bytes(n, n, devices, 3) / GIB, ds3 / GIB))
-    return rows
-
-
-def build_ops() -> str:
-    """Compile the C++ ops DeepSpeed builds at run time on this machine (on CPU: the shared-memory
-    comm op, about 60 s), into ``TORCH_EXTENSIONS_DIR``, so that runs and tests reuse them."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        return f"nothing to build ahead for the {accelerator.device_name()} accelerator"
-    import importlib
-
-    build_shm_op = importlib.import_module("deepspeed.comm.torch").build_shm_op  # not the `torch` name in deepspeed.comm
-    return "built deepspeed_shm_comm" if build_shm_op() is not None else "shm comm op not compatible here"
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--build-ops"]:
-        print(build_ops())
-    elif sys.argv[1:] == ["--memory-table"]:
-        print(memory_table())
-        print("\n| model | parameters | ZeRO-2 formula | ZeRO-2 DeepSpeed | ZeRO-3 formula | ZeRO-3 DeepSpeed |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, n, f2, d2, f3, d3 in deepspeed_estimates():
-            print(f"| {name} | {n:,} | {f2:.1f} | {d2:.1f} | {f3:.1f} | {d3:.1f} |")
-    else:
-        sys.exit("usage: python -m rlhf.zero --build-ops | --memory-table")

@@ -488,8 +488,8 @@ def test_trainer_stage_refuses_deepspeed_launcher_without_config(monkeypatch):
 
 @needs_deepspeed
 def test_build_ops_fills_the_cache_the_jobs_use(monkeypatch, tmp):
-    """``make setup`` runs ``python -m rlhf.zero --build-ops`` with the jobs' TORCH_EXTENSIONS_DIR and PATH."""
-    from rlhf.zero import build_ops
+    """``make setup`` runs ``python -m rlhf.deepspeed_ops`` with the jobs' TORCH_EXTENSIONS_DIR and PATH."""
+    from rlhf.deepspeed_ops import build_ops
 
     env = job_env(tmp / "hf_home")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
@@ -595,7 +595,7 @@ def test_count_parameters_counts_zero3_placeholders():
 
 
 def test_parameter_counts_are_llama2s():
-    from rlhf.zero import LLAMA2
+    from rlhf.zero_memory import LLAMA2
 
     assert [shape.causal_lm() for shape in LLAMA2] == [6_738_415_616, 13_015_864_320, 68_976_648_192]
     seven = LLAMA2[0]
@@ -604,7 +604,7 @@ def test_parameter_counts_are_llama2s():
 
 
 def test_model_states_formula():
-    from rlhf.zero import model_states_bytes
+    from rlhf.zero_memory import model_states_bytes
 
     n = 1000
     assert model_states_bytes(n, n, 8, 2) == 2 * n + 14 * n / 8  # 16-bit params replicated
@@ -620,7 +620,7 @@ def test_formula_against_deepspeed_estimators():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from rlhf.zero import LLAMA2, model_states_bytes
+    from rlhf.zero_memory import LLAMA2, model_states_bytes
 
     for devices in (8, 16):
         for shape in LLAMA2:
@@ -633,7 +633,7 @@ def test_formula_against_deepspeed_estimators():
 
 
 def test_docs_hold_the_current_table():
-    from rlhf.zero import memory_table
+    from rlhf.zero_memory import memory_table
 
     assert memory_table() in (REPO / "docs" / "distributed.md").read_text()
 
