@@ -6,16 +6,20 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test demo demo-tiny bench clean-outputs recipe-hh
+.PHONY: setup setup-deepspeed test demo demo-tiny bench clean-outputs recipe-hh
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel here; never let pip pick an unpinned (CUDA, GBs) torch.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# Optional DeepSpeed set; on a CPU-only machine its C++ comm op is compiled here, once, into the venv
-	# (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the venv's ninja, so no test rebuilds it).
+	touch $@
+
+# Optional DeepSpeed set (the demo never uses it; make test does); on a CPU-only machine its C++ comm op is
+# compiled here, once, into the venv (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the
+# venv's ninja, so no test rebuilds it).
+$(VENV)/.installed-deepspeed: $(VENV)/.installed requirements-deepspeed.txt
 	$(PY) -m pip install --quiet -r requirements-deepspeed.txt
 	PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
 		$(PY) -m rlhf.deepspeed_ops
@@ -23,7 +27,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed
 
 setup: $(VENV)/.installed
 
-test: setup
+setup-deepspeed: $(VENV)/.installed-deepspeed
+
+test: setup setup-deepspeed
 	$(PY) -m pytest -q tests
 
 demo: setup

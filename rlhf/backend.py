@@ -261,7 +261,7 @@ class Backend:
             return model
         from habana_frameworks.torch.hpu import wrap_in_hpu_graph
 
-        inner = _innermost_model(model)
+        inner = innermost_model(model)
         plain = inner.__dict__.get("forward")  # None: the class's forward
         wrap_in_hpu_graph(inner)  # replaces inner.forward in place
         graphed = inner.forward
@@ -288,7 +288,7 @@ def _set_forward(module, forward) -> None:
         module.forward = forward
 
 
-def _innermost_model(model):
+def innermost_model(model):
     """The transformers model inside PEFT / accelerate / DDP wrappers (what generate's forward calls)."""
     seen = set()
     while id(model) not in seen:

@@ -259,11 +259,9 @@ def merge_lora(model):
     """The plain transformers model of a ``PeftModel``: its LoRA weights merged in and the wrappers
     removed (``modules_to_save`` copies, e.g. a reward model's trained score head, kept); any other
     model is returned as it is. The one place the stages merge an adapter."""
-    from peft import PeftModel
+    from rlhf.sequences import is_peft_model
 
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
+    return model.merge_and_unload() if is_peft_model(model) else model
 
 
 def position_ids_from_mask(attention_mask):

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from rlhf.backend import innermost_model
 from rlhf.errors import UserError
 from rlhf.sequences import pad_sequences, padded_width, truncate_after_eos
 
@@ -117,18 +118,6 @@ class RolloutEngine:
 # --------------------------------------------------------------------------------------------
 
 
-def _innermost(model):
-    """The transformers model under PEFT / DDP wrappers (the one whose ``generation_config`` generate reads)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-    return model
-
-
 def clean_generation_config(model, sampling: SamplingParams, eos_token_id: int, pad_token_id: int):
     """A ``GenerationConfig`` with our sampling settings and nothing else.
 
@@ -174,7 +163,7 @@ def ignored_sampling_settings(model) -> dict:
 @contextlib.contextmanager
 def _generation_config_swapped(model, config):
     """``model.generation_config`` (and the wrappers') replaced by ``config`` for the block."""
-    holders = [m for m in {id(m): m for m in (model, _innermost(model))}.values()
+    holders = [m for m in {id(m): m for m in (model, innermost_model(model))}.values()
                if hasattr(m, "generation_config")]
     saved = [m.generation_config for m in holders]
     for m in holders:
@@ -227,7 +216,7 @@ class HFEngine(RolloutEngine):
         eos_token_id, pad_token_id: from the tokenizer (pad may equal EOS).
         device: where prompts go.
         deepspeed_engine: the DeepSpeed engine training ``model`` (ZeRO-3: the whole weights are gathered
-            once per ``generate`` call instead of once per layer per token).
+            once per ``generate`` call instead of once per layer per token). None: the caller gathers.
         static_prompt_width: HPU graphs: every prompt batch padded to this width (a longer prompt is refused).
         pad_to_multiple_of: round prompt widths up to a multiple of this (fewer shapes to capture).
         mark_step: HPU lazy-mode graph cut after each call (a no-op elsewhere).
@@ -246,7 +235,7 @@ class HFEngine(RolloutEngine):
         self.static_prompt_width = static_prompt_width
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mark_step = mark_step or _no_op
-        ignored = ignored_sampling_settings(_innermost(model))
+        ignored = ignored_sampling_settings(innermost_model(model))
         if ignored:
             logger.info("Rollouts ignore the checkpoint's generation_config %s: they sample from softmax(logits / "
                         "temperature), the distribution every log-prob of the update assumes", ignored)
@@ -261,14 +250,16 @@ class HFEngine(RolloutEngine):
         rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
         if any(r.numel() == 0 for r in rows):
             raise UserError("an empty prompt reached the sampler; drop empty prompts from the dataset")
-        config = clean_generation_config(_innermost(self.model), sampling, self.eos_token_id, self.pad_token_id)
+        config = clean_generation_config(innermost_model(self.model), sampling, self.eos_token_id, self.pad_token_id)
         was_training = self.model.training
         self.model.eval()
         rollout = Rollout(responses=[], logprobs=[])
         step = batch_size or len(rows)
         try:
-            with full_parameters(self.model, self.deepspeed_engine), \
-                    _generation_config_swapped(self.model, config):
+            # ZeRO-3: gathered here only for the engine's own model (a caller may already hold it gathered)
+            gathered = (full_parameters(self.model, self.deepspeed_engine) if self.deepspeed_engine is not None
+                        else contextlib.nullcontext())
+            with gathered, _generation_config_swapped(self.model, config):
                 for i in range(0, len(rows), step):
                     chunk = rows[i : i + step]
                     width = padded_width(max(r.numel() for r in chunk), self.static_prompt_width, self.pad_to_multiple_of)
