@@ -192,6 +192,8 @@ class VLLMEngine(RolloutEngine):
         self.dtype = dtype
         self.deepspeed_engine = deepspeed_engine
         self.push_method: Optional[str] = None
+        #: more vLLM SamplingParams for every request (benchmarks: {"ignore_eos": True}); empty for training
+        self.extra_sampling: dict = {}
         self.last_push_s: Optional[float] = None
 
         # before vllm reads them (its env values are read when used, not at import)
@@ -264,7 +266,8 @@ class VLLMEngine(RolloutEngine):
 
     def _sampling(self, **kwargs):
         return self._sampling_class(top_k=self._no_top_k, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                                    presence_penalty=0.0, frequency_penalty=0.0, detokenize=False, **kwargs)
+                                    presence_penalty=0.0, frequency_penalty=0.0, detokenize=False,
+                                    **{**kwargs, **self.extra_sampling})
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[torch.Tensor], sampling: SamplingParams,
