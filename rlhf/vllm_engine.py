@@ -29,6 +29,9 @@ What vLLM does to the process it runs in, and what this engine does about it:
   request: started with ``generation_config="vllm"`` so it samples from ``softmax(logits / T)`` only,
   like the ``hf`` engine; log-probs are vLLM's ``processed_logprobs`` (after the temperature), i.e. the
   distribution the tokens were drawn from.
+- it needs a torch.distributed group: with none it makes a world of 1 (gloo) that lives until
+  ``close()``; under torchrun it joins the launch's (``external_launcher``, one vLLM per rank), so build
+  the engine after the trainer's process group exists, and ``close()`` then leaves that group alone;
 - KV cache on CPU: ``VLLM_CPU_KVCACHE_SPACE`` GiB (``kv_cache_space_gb``, default 10% of the machine's
   memory, 1-4 GiB); on GPU ``gpu_memory_utilization`` (TRL's ``--vllm_gpu_memory_utilization``).
 
@@ -219,6 +222,9 @@ class VLLMEngine(RolloutEngine):
             # colocated under torchrun: one vLLM per rank group, on the launch's process group (as TRL)
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.vllm_version = getattr(vllm, "__version__", "?")
+        # vLLM's shutdown destroys the default process group: its own (a world of 1 it creates when there is
+        # none), or the launch's under torchrun, which close() must then leave to the trainer
+        self._owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         saved_rng = _rng_state()
         set_num_threads = torch.set_num_threads
         started = time.perf_counter()
@@ -353,12 +359,27 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         if llm is None:
             return
-        shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if shutdown is not None and hasattr(shutdown, "shutdown"):
-            shutdown.shutdown()
-        del llm
         import gc
 
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)  # the in-process client
+        if self._owns_process_group:
+            if core is not None:
+                core.shutdown()  # also destroys the world-of-1 process group vLLM made for itself
+        elif core is not None:
+            # vLLM's shutdown (run again by the client's finalizer when collected) ends with
+            # destroy_process_group() on the trainer's group: do its other steps only
+            finalizer = getattr(core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            inner = getattr(core, "engine_core", None)
+            for part in (getattr(inner, "model_executor", None), getattr(inner, "scheduler", None)):
+                if part is not None:
+                    part.shutdown()
+            from vllm.distributed import destroy_model_parallel
+
+            destroy_model_parallel()
+        del llm, core
+        gc.unfreeze()  # vLLM gc.freeze()s everything alive at its start
         gc.collect()
 
 

@@ -223,3 +223,71 @@ def test_pushed_lora_update_is_what_the_engine_samples_from(engine, policy):
         for seq in fixed_sequences():
             assert torch.allclose(forward_logprobs(peft_model, seq[:1], seq[1:]),
                                   forward_logprobs(policy, seq[:1], seq[1:]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# under torchrun (DDP): one vLLM per rank on the launch's process group, which survives close()
+# --------------------------------------------------------------------------------------------
+
+DDP_WORKER = '''
+import json, sys, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from rlhf.rollout import SamplingParams, make_engine
+from rlhf.sequences import logprobs_from_logits
+import rlhf.vllm_engine
+
+def main(model_dir, out):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = make_engine("vllm", model=model, model_path=model_dir, eos_token_id=2, pad_token_id=0,
+                         max_model_len=64, kv_cache_space_gb=1)
+    total = torch.tensor([rank + 1.0]); dist.all_reduce(total)
+    rollout = engine.generate([torch.tensor([5, 6, 7])], SamplingParams(max_new_tokens=4))
+    torch.manual_seed(1)  # the same update on every rank, as DDP's
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    engine.push_weights(model)
+    sequence = torch.tensor([5, 6, 7] + list(range(40, 50)))
+    with torch.no_grad():
+        reference = logprobs_from_logits(model(sequence[None]).logits[0, :-1], sequence[1:])
+    gap = (engine.score([sequence])[0] - reference).abs().max().item()
+    engine.close()
+    after = torch.tensor([rank + 1.0]); dist.all_reduce(after)
+    with open(f"{out}/rank{rank}.json", "w") as handle:  # not stdout: the two ranks' prints interleave
+        json.dump({"sum": total.item(), "after_close": after.item(), "tokens": len(rollout.responses[0]),
+                   "gap": gap}, handle)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
+'''
+
+
+def test_two_ranks_under_torchrun_each_get_the_pushed_weights(vllm_model_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from ports import free_port
+
+    pytest.importorskip("vllm")
+
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "VLLM_CPU_KVCACHE_SPACE")}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                             vllm_model_dir, str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    for rank in (0, 1):
+        row = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert row["sum"] == 3.0 and row["after_close"] == 3.0  # the trainer's group works after start and close
+        assert 1 <= row["tokens"] <= 4
+        assert row["gap"] < TOL
