@@ -202,6 +202,8 @@ class VLLMEngine(RolloutEngine):
         # before vllm reads them (its env values are read when used, not at import)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if kv_cache_space_gb is not None:
+            if int(kv_cache_space_gb) < 1 or int(kv_cache_space_gb) != kv_cache_space_gb:
+                raise UserError(f"vLLM KV cache space {kv_cache_space_gb} GiB: use a whole number of GiB, at least 1")
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_space_gb))
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(default_kv_cache_space_gb()))
@@ -212,6 +214,7 @@ class VLLMEngine(RolloutEngine):
         config = self._check_loadable(current_platform)
         if max_model_len is None:
             max_model_len = min(4096, int(getattr(config, "max_position_embeddings", 4096) or 4096))
+        self.max_model_len = int(max_model_len)
         rank, world = _rank_and_world()
         kwargs = dict(model=self.model_path, tokenizer=self.model_path, dtype=dtype,
                       seed=int(seed) + rank // max(1, tensor_parallel_size), max_model_len=int(max_model_len),
@@ -284,6 +287,10 @@ class VLLMEngine(RolloutEngine):
         rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
         if any(r.numel() == 0 for r in rows):
             raise UserError("an empty prompt reached the sampler; drop empty prompts from the dataset")
+        longest = max((r.numel() for r in rows), default=0)
+        if longest + sampling.max_new_tokens > self.max_model_len:
+            raise UserError(f"a prompt of {longest} tokens + {sampling.max_new_tokens} new tokens exceeds the vLLM "
+                            f"engine's max_model_len {self.max_model_len}; raise max_model_len or shorten prompts")
         if sampling.temperature <= 0:
             raise UserError(f"temperature {sampling.temperature} must be > 0 for sampled rollouts")
         params = self._sampling(temperature=float(sampling.temperature), max_tokens=int(sampling.max_new_tokens),

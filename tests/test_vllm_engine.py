@@ -291,3 +291,8 @@ def test_two_ranks_under_torchrun_each_get_the_pushed_weights(vllm_model_dir, tm
         assert row["sum"] == 3.0 and row["after_close"] == 3.0  # the trainer's group works after start and close
         assert 1 <= row["tokens"] <= 4
         assert row["gap"] < TOL
+
+
+def test_prompt_plus_response_longer_than_max_model_len_is_refused(engine):
+    with pytest.raises(UserError, match="max_model_len 128"):
+        engine.generate([torch.tensor([5] * 120)], SamplingParams(max_new_tokens=16))
