@@ -165,7 +165,8 @@ class VLLMEngine(RolloutEngine):
         eos_token_id, pad_token_id: from the tokenizer; responses are cut after the first EOS.
         device: unused (vLLM places its own copy: CPU backend on CPU builds, the current GPU on CUDA).
         dtype: "float32" or "bfloat16" (vLLM's copy; the log-probs it returns are float32 either way).
-        seed: vLLM's sampling seed (plus ``rank // tensor_parallel_size`` under torchrun, as TRL).
+        seed: vLLM's sampling seed (plus ``rank // tensor_parallel_size`` under torchrun, as TRL). No
+            per-request seed: vLLM would give the same seed's identical prompts (a GRPO group) one sample.
         max_model_len: longest prompt + response (default: the checkpoint's, capped at 4096).
         gpu_memory_utilization: GPU builds: share of GPU memory vLLM takes (weights + KV cache).
         tensor_parallel_size: GPU builds: shards per vLLM instance (colocated: ranks of the launch).
