@@ -39,6 +39,7 @@ demo-tiny: setup
 	./run_pipeline.sh --tiny
 
 -include habana.mk
+-include vllm.mk
 -include bench/bench.mk
 
 # The measured recipe on real preference data (docs/recipes.md); HH_DATA: a folder with hh-rlhf's train.jsonl.
