@@ -49,7 +49,8 @@ def register_engine(name: str):
 
 
 #: engines in modules of their own, imported only when chosen (their dependencies are optional)
-OPTIONAL_ENGINES = {"vllm": ("rlhf.vllm_engine", "vllm", "make setup-vllm (its own venv, .venv-vllm)")}
+OPTIONAL_ENGINES = {"vllm": ("rlhf.vllm_engine", "vllm",
+                             "make setup-vllm and run the script with .venv-vllm/bin/python")}
 
 
 def check_engine_available(name: str) -> None:

@@ -296,3 +296,48 @@ def test_two_ranks_under_torchrun_each_get_the_pushed_weights(vllm_model_dir, tm
 def test_prompt_plus_response_longer_than_max_model_len_is_refused(engine):
     with pytest.raises(UserError, match="max_model_len 128"):
         engine.generate([torch.tensor([5] * 120)], SamplingParams(max_new_tokens=16))
+
+
+# --------------------------------------------------------------------------------------------
+# rl_training.py through the engine, as a user runs it
+
+
+def test_grpo_run_through_vllm_logs_the_mismatch_pushes_and_resumes(vllm_model_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("vllm")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / "train.jsonl"
+    with open(os.path.join(repo, "data", "demo", "train.jsonl")) as handle:
+        data.write_text("".join(handle.readlines()[:60]))
+    reward = tmp_path / "length_reward.py"  # varies within every group, so the first update moves the adapter
+    reward.write_text("def reward(prompts, responses, **columns):\n    return [len(r) / 10 for r in responses]\n")
+    out = tmp_path / "out"
+    args = [sys.executable, "rl_training.py", "--model_name", vllm_model_dir, "--reward_fn",
+            f"{reward}:reward", "--train_file", str(data), "--device", "cpu", "--use_vllm", "True",
+            "--advantage_estimator", "grpo", "--num_generations", "4", "--batch_size", "8", "--mini_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--ppo_epochs", "1", "--learning_rate", "5e-3",
+            "--output_max_length", "8", "--input_max_length", "64", "--eval_samples", "4", "--batched_gen", "True",
+            "--save_freq", "1", "--vllm_kv_cache_gb", "1", "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*args, "--steps", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        # vLLM's sampler vs the trainer's fp32 forward: float noise, not another distribution
+        assert row["rollout/logprob_mismatch_max"] < 1e-3, row["rollout/logprob_mismatch_max"]
+        assert row["time/push_s"] >= 0 and abs(row["rollout/is_ratio_mean"] - 1) < 1e-3
+    assert rows[1]["objective/kl"] > 0  # the second step sampled from the pushed, updated adapter
+    resumed = subprocess.run([*args, "--steps", "3", "--resume_from_checkpoint", "true"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["algorithm"] == "grpo"
+    again = subprocess.run([*args, "--steps", "3", "--resume_from_checkpoint", "true"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and (out / "summary.json").read_text() == json.dumps(summary, indent=2)
