@@ -178,6 +178,7 @@ def main() -> None:
     check_training_args(training_args)
     zero = prepare_deepspeed(training_args)  # before from_pretrained: ZeRO-3 partitions the model as it loads
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
+    lora_args.check_targets(model_path, model_args.trust_remote_code)
     resume = resolve_trainer_resume(training_args)
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)
     prepare_pair_training_args(training_args)

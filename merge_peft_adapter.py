@@ -107,6 +107,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.adapter_model_name or not args.output_name:
         raise UserError("--adapter_model_name and --output_name are required")
+    output = Path(args.output_name)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_name {output} is an existing file, not a directory; give a new directory path")
     adapter_dir = args.adapter_model_name
     if not Path(adapter_dir).is_dir():
         raise UserError(f"--adapter_model_name {adapter_dir}: no such directory; check the path")
@@ -122,7 +125,6 @@ def main() -> None:
         "the base model in adapter_config.json (override with --base_model_name)"
     )
     base_name = check_model_path(base_name, base_flag)
-    output = Path(args.output_name)
     if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir:
         raise UserError(f"--output_name {output} already holds files; pass --overwrite_output_dir or pick a new name")
     tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_name
@@ -138,6 +140,8 @@ def main() -> None:
         model = model.to(torch.bfloat16)
     model.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
+    if not (output / "config.json").is_file():  # save_pretrained only logs when it cannot write
+        raise RuntimeError(f"save_pretrained wrote no config.json to {output}")
     logger.info("Merged model and tokenizer written to %s", output)
 
 

@@ -140,6 +140,8 @@ def main() -> None:
     backend.check_training_precision(training_args)  # --bf16 without bf16 units, --fp16 on CPU
     model_path = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     do_train = not rm_args.eval_only
+    if do_train:
+        lora_args.check_targets(model_path, model_args.trust_remote_code)
     resume = resolve_trainer_resume(training_args) if do_train else None
     if do_train:
         check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, resume is not None)

@@ -54,7 +54,7 @@ from rlhf.checkpoint import MetricsLog, atomic_directory, checkpoint_step, prune
 from rlhf.data import DataArguments, load_splits, prepare_examples, resolve_template
 from rlhf.distributed import exit_job, setup_distributed_env
 from rlhf.errors import Interrupted, TrainingDiverged, UserError, run_cli
-from rlhf.modeling import check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.modeling import DEFAULT_TARGETS, check_model_path, load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.plotting import plot_curves
 from rlhf.ppo import (
     TRAINER_STATE_FILE,
@@ -71,6 +71,7 @@ from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.rollout import check_engine_available, make_engine
 from rlhf.tokenization import encode_text, keep_end
 from rlhf.training import StopOnSignal, already_finished, check_output_dir, resolve_resume, resume_requested
+from rlhf.validation import check_lora, check_lora_targets
 from rlhf.zero import frozen_under_zero3, ppo_deepspeed_plugin
 
 logger = logging.getLogger("rlhf")
@@ -140,8 +141,10 @@ class ScriptArguments:
                 raise UserError(f"--{name} {getattr(self, name)} must be positive")
         if self.save_freq is not None and self.save_freq <= 0:
             raise UserError(f"--save_freq {self.save_freq} must be positive")
-        if self.eval_samples < 0 or not 0 <= self.lora_dropout < 1:
-            raise UserError("--eval_samples >= 0 and 0 <= --lora_dropout < 1 are required")
+        if self.eval_samples < 0:
+            raise UserError("--eval_samples must be >= 0")
+        if self.peft == "lora":
+            check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout, rank_flag="--lora_rank")
         if self.best_of_n < 0 or self.best_of_n == 1:
             raise UserError(f"--best_of_n {self.best_of_n}: use 0 (off) or n >= 2 responses per held-out prompt")
 
@@ -421,6 +424,9 @@ def main() -> None:
     for spec in args.reward_fn or []:
         import_reward_fn(spec)  # a name that does not import stops here, before any model is loaded
     check_engine_available(config.rollout_engine)  # before any model loads
+    if args.peft == "lora" and not resume_requested(args.resume_from_checkpoint):  # a resume reads the saved adapter
+        check_lora_targets(check_model_path(args.model_name, "--model_name"), args.lora_target_modules, DEFAULT_TARGETS,
+                           trust_remote_code=args.trust_remote_code, all_linear_flag=None, model_flag="--model_name")
     backend.check_precision(bf16=args.bf16)
     if args.bf16 and args.peft == "none":
         raise UserError("--bf16 with --peft none would make Adam update bfloat16 weights, which lose small updates; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rlhf.backend import Backend, BackendArguments, resolve_backend
 from rlhf.errors import UserError
 
 LEGACY_RENAMES = {"--evaluation_strategy": "--eval_strategy"}
-TOKEN_FLAGS = ("--hf_access_token", "--use_auth_token", "--token")
+TOKEN_FLAGS = ("--hf_access_token", "--use_auth_token", "--token", "--hub_token")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_LOGGING_STEPS = 10
 TRUTHY = {"true", "1", "yes"}
@@ -39,7 +40,20 @@ class ParsedArgs:
     trainer_class: type | None
 
 
-def config_file_to_argv(path: str) -> list[str]:
+def config_error_location(error: BaseException) -> str:
+    """'line L, column C: what' for a YAML or JSON syntax error (1-based, as editors count)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(error).split())
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML/JSON config file as a mapping of field names to values; ``null`` values are left out
+    (``null`` means the field's default). Syntax errors are one line with line and column."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"config file {path} does not exist; check the path")
@@ -47,26 +61,55 @@ def config_file_to_argv(path: str) -> list[str]:
     try:
         config = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
-        raise UserError(f"config file {path} cannot be parsed ({error}); fix its syntax") from None
+        raise UserError(f"config file {path} cannot be parsed ({config_error_location(error)}); fix its syntax") from None
+    if config is None:
+        return {}  # an empty file sets nothing
     if not isinstance(config, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    return {str(key): value for key, value in config.items() if value is not None}
+
+
+def config_to_argv(config: dict) -> list[str]:
     argv: list[str] = []
     for key, value in config.items():
         values = value if isinstance(value, list) else [value]
         argv.append(f"--{key}")
-        argv.extend(str(v) for v in values)
+        argv.extend(str(v) for v in values if v is not None)
     return argv
 
 
-def expand_config(argv: list[str]) -> list[str]:
+def config_file_to_argv(path: str) -> list[str]:
+    return config_to_argv(read_config_file(path))
+
+
+def config_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the config file ``argv`` names, positionally first or after ``--config``, or None; the other args)."""
     if len(argv) >= 1 and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
-        return config_file_to_argv(argv[0]) + argv[1:]
+        return argv[0], argv[1:]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UserError("--config needs a file path (YAML or JSON)")
-        return config_file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    return argv
+        return argv[i + 1], argv[:i] + argv[i + 2 :]
+    return None, argv
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    path, rest = config_path(argv)
+    return rest if path is None else config_file_to_argv(path) + rest
+
+
+def check_config_keys(path: str, config: dict, known: set[str]) -> None:
+    """Every key of a config file is an exact field name (argparse would take a misspelt one as an
+    abbreviation of a longer flag, or as a flag of another meaning)."""
+    import difflib
+
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "see --help for the flags this script takes"
+            raise UserError(f"config file {path}: unknown key {key!r} ({hint}); keys are the exact flag names "
+                            "without '--'")
 
 
 def split_flag(arg: str) -> tuple[str, str | None]:
@@ -125,6 +168,16 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def scrub_process_argv() -> None:
+    """Take token flags (and their values) out of ``sys.argv`` itself.
+
+    The one rule for what trackers get: wandb (and anything else that records the command line: run
+    files, metadata, summaries) reads ``sys.argv``, so after parsing no token is left in it. The
+    parsed token lives only in ``HF_TOKEN``, and ``public_dict`` drops token fields from configs."""
+    if len(sys.argv) > 1:
+        sys.argv[1:] = extract_token(sys.argv[1:])[0]
+
+
 def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -179,8 +232,13 @@ def check_trackers_installed(names: list[str], flag: str) -> None:
 
 
 def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv: list[str]) -> ParsedArgs:
-    """Parse ``argv`` into ``arg_types`` (+ the backend's TrainingArguments when asked)."""
+    """Parse ``argv`` into ``arg_types`` (+ the backend's TrainingArguments when asked).
+
+    A config file's keys must be exact field names; ``null`` leaves a field at its default."""
+    file, _ = config_path(list(argv))
+    config = read_config_file(file) if file is not None else {}
     argv = normalise_argv(argv)
+    scrub_process_argv()
     wants_help = "-h" in argv or "--help" in argv
     backend_args = parse_backend(argv)
     backend = Backend(device="cpu") if wants_help else resolve_backend(backend_args)
@@ -203,6 +261,11 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
         without_fields(t, field_names(t) & training_fields) if i < len(types) - with_training_args else t
         for i, t in enumerate(types)
     ]
+    if config:
+        known = set().union(*(field_names(t) for t in parse_types))
+        field_aliases = [a for t in parse_types for f in dataclasses.fields(t) for a in f.metadata.get("aliases", [])]
+        aliases = {flag.lstrip("-") for flag in (*LEGACY_RENAMES, *TOKEN_FLAGS, *field_aliases)}
+        check_config_keys(file, config, known | aliases)
     *parsed, unknown = HfArgumentParser(parse_types).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )

@@ -6,6 +6,11 @@ write into it when each saves its own state); the
 Trainer-based stages save in place and add the marker afterwards (``rlhf.training``). Either way a
 kill during a save leaves the previous checkpoint intact (older ones are pruned only after the new
 one is complete), and resume never picks a half-written one.
+
+``checkpoint_problem`` is the one check every stage's resume makes before anything loads: the files
+the stage needs are there and none of the checkpoint's files is empty, truncated or unparsable
+(JSON parses, torch files have their zip directory, safetensors hold the bytes their header names).
+A damaged checkpoint is refused (``rlhf.training.resolve_resume``), never resumed with a part missing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import math
 import os
 import re
 import shutil
+import struct
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -75,6 +82,64 @@ def is_complete(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / COMPLETE_MARKER).is_file()
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a checkpoint file could not be read back (empty, truncated, not what its name says), or None.
+
+    Cheap: a JSON file is parsed, a torch file's zip central directory (written last) is read, a
+    safetensors file's header is read and its length checked against the data it names."""
+    if path.suffix not in (".json", ".safetensors", *TORCH_SUFFIXES):
+        return None  # README.md, the COMPLETE marker, tokenizer text files: nothing a resume parses
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            return f"is not valid JSON ({' '.join(str(error).split())})"
+    elif path.suffix in TORCH_SUFFIXES:
+        if not zipfile.is_zipfile(path):
+            return "is truncated or not a torch.save file (no zip directory at its end)"
+    elif path.suffix == ".safetensors":
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if length is None or length > size - 8:
+                return "is truncated (its header is cut short)"
+            try:
+                header = json.loads(handle.read(length))
+            except (UnicodeDecodeError, ValueError):
+                return "has an unreadable header"
+        ends = [entry["data_offsets"][1] for key, entry in header.items()
+                if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+        if ends and 8 + length + max(ends) > size:
+            return "is truncated (shorter than the tensors its header names)"
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path, required: tuple[str, ...] | list[str] = ()) -> str | None:
+    """What makes ``checkpoint`` unfit to resume from, in words, or None: a ``required`` file missing, or any of
+    its files (top level) damaged. A ``trainer_state.json`` must also name its ``global_step``."""
+    folder = Path(checkpoint)
+    for name in required:
+        if not (folder / name).exists():
+            return f"has no {name}"
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            problem = file_problem(path)
+            if problem is not None:
+                return f"{path.name} {problem}"
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        data = json.loads(state.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+    return None
+
+
 def checkpoint_step(path: str | Path) -> int:
     match = CHECKPOINT_PATTERN.match(Path(path).name)
     if not match:
@@ -82,16 +147,20 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(1))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` in ``output_dir``; incomplete ones are skipped with a warning."""
+def latest_checkpoint(output_dir: str | Path, *, before: int | None = None, quiet: bool = False) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` in ``output_dir`` (below step ``before`` if given);
+    incomplete ones are skipped with a warning (unless ``quiet``)."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
     found = sorted((p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)), key=checkpoint_step)
     for candidate in reversed(found):
+        if before is not None and checkpoint_step(candidate) >= before:
+            continue
         if is_complete(candidate):
             return candidate
-        logger.warning("Skipping incomplete checkpoint %s (no %s marker)", candidate, COMPLETE_MARKER)
+        if not quiet:
+            logger.warning("Skipping incomplete checkpoint %s (no %s marker)", candidate, COMPLETE_MARKER)
     return None
 
 

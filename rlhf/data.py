@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rlhf.errors import UserError
+from rlhf.validation import check_validation_split
+
+logger = logging.getLogger("rlhf")
 
 PREFERENCE_FORMATS = {
     "orca": ("system", "question", "chosen", "rejected"),
@@ -256,6 +260,7 @@ def load_splits(args: DataArguments, seed: int = 42) -> tuple[Any, Any | None, s
     if evaluation is None and args.validation_split_percentage > 0:
         # Validate before splitting, so an error names the row of the file, not of a shuffled split.
         validate_rows(train, detect_format(train.column_names, train_source, allow_sft=True), train_source)
+        check_validation_split(len(train), args.validation_split_percentage, train_source)
         split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         train, evaluation = split["train"], split["test"]
         eval_source = f"{train_source} ({args.validation_split_percentage}% held out)"
@@ -433,6 +438,21 @@ def render_prompt(prompt: list[dict] | str, tokenizer, template: str) -> str:
     return "".join(parts)
 
 
+def drop_identical_pairs(prepared, source: str):
+    """Pairs whose chosen and rejected answers are the same text (whitespace at the ends aside) teach a
+    preference nothing: drop them with one warning giving their number; a file of nothing else is refused."""
+    same = [i for i, (c, r) in enumerate(zip(prepared["chosen"], prepared["rejected"])) if str(c).strip() == str(r).strip()]
+    if not same:
+        return prepared
+    if len(same) == len(prepared):
+        raise UserError(f"{source}: in all {len(same)} pairs the chosen and rejected answers are identical, so there "
+                        "is no preference to learn; give pairs whose answers differ")
+    logger.warning("%s: dropping %d of %d pairs whose chosen and rejected answers are identical (row %d first)",
+                   source, len(same), len(prepared), same[0])
+    drop = set(same)
+    return prepared.select([i for i in range(len(prepared)) if i not in drop])
+
+
 def prepare_examples(dataset, source: str, tokenizer, template: str, allow_sft: bool):
     """Detect the format, validate every row, and map to prompt/chosen/rejected(/margin) strings."""
     if len(dataset) == 0:
@@ -460,6 +480,7 @@ def prepare_examples(dataset, source: str, tokenizer, template: str, allow_sft: 
 
         prepared = prepared.cast_column("margin", Value("float64"))
     if not allow_sft:
+        prepared = drop_identical_pairs(prepared, source)
         empty = [i for i, (c, r) in enumerate(zip(prepared["chosen"], prepared["rejected"])) if not c or not r]
         if empty:
             raise UserError(f"{source}: row {empty[0]} has no answer after the shared prompt; fix or remove it")

@@ -14,6 +14,7 @@ from rlhf.compat import (
     tokenizer_class_unknown,
 )
 from rlhf.errors import UserError
+from rlhf.validation import check_lora, check_lora_targets
 
 
 @dataclass
@@ -42,10 +43,13 @@ class LoraArguments:
     def check(self) -> None:
         if self.peft not in ("lora", "none"):
             raise UserError(f"--peft {self.peft!r} is not supported; use lora or none")
-        if self.lora_rank <= 0 or self.lora_alpha <= 0:
-            raise UserError("--lora_rank and --lora_alpha must be positive")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"--lora_dropout {self.lora_dropout} is out of range; use 0 <= p < 1")
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout)
+
+    def check_targets(self, model_path: str, trust_remote_code: bool = False) -> None:
+        """With LoRA: the targets name modules of this model (checked on its config, before it loads)."""
+        if self.peft == "lora" and not self.lora_all_linear:
+            check_lora_targets(model_path, self.lora_target_modules, DEFAULT_TARGETS,
+                               trust_remote_code=trust_remote_code)
 
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

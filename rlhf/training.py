@@ -34,9 +34,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Callable, Sequence
 
-from rlhf.checkpoint import COMPLETE_MARKER, is_complete, latest_checkpoint, mark_complete, prune_checkpoints
+from rlhf.checkpoint import (
+    COMPLETE_MARKER,
+    checkpoint_problem,
+    checkpoint_step,
+    is_complete,
+    latest_checkpoint,
+    mark_complete,
+    prune_checkpoints,
+)
 from rlhf.errors import Interrupted, TrainingDiverged, UserError
 from rlhf.plotting import plot_trainer_history
 
@@ -98,40 +106,71 @@ def resume_requested(value) -> bool:
 
 
 def resolve_resume(
-    value, output_dir: str | Path, *, required: Sequence[str] = (), flag: str = "--resume_from_checkpoint"
+    value, output_dir: str | Path, *, required: Sequence[str] | Callable[[Path], Sequence[str]] = (),
+    flag: str = "--resume_from_checkpoint",
 ) -> Path | None:
     """The checkpoint a ``--resume_from_checkpoint`` value names, for any stage; None when it is off.
 
     ``true`` takes the newest complete ``checkpoint-*`` in ``output_dir`` (incomplete ones are skipped
-    with a warning); a path must be a complete checkpoint (``COMPLETE`` marker) holding every file in
-    ``required`` (e.g. the PPO state file). Anything else is a ``UserError`` naming the fix."""
+    with a warning); a path must be a complete checkpoint (``COMPLETE`` marker). Either way the
+    checkpoint must hold every file in ``required`` (e.g. the PPO state file; a function of the
+    checkpoint gives them per checkpoint) and none of its files may be damaged
+    (``rlhf.checkpoint.checkpoint_problem``): a damaged one is refused, naming the newest intact one
+    before it, so a run never continues with a fresh optimizer or without its state. Anything else
+    is a ``UserError`` naming the fix."""
     if not resume_requested(value):
         return None
     if value is True or str(value).lower() == "true":
-        last = latest_checkpoint(output_dir)
-        if last is None:
+        path = latest_checkpoint(output_dir)
+        if path is None:
             raise UserError(
                 f"{flag} true but {output_dir} has no complete checkpoint-* folder; drop the flag to start fresh"
             )
-        logger.info("Resuming from %s", last)
-        return last
-    path = Path(value)
-    if not path.is_dir():
-        raise UserError(f"{flag} {value}: no such checkpoint directory; check the path")
-    if not is_complete(path):
-        raise UserError(
-            f"{flag} {value}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run "
-            f"stopped while saving it); pass an earlier checkpoint or {flag} true"
-        )
-    missing = [name for name in required if not (path / name).exists()]
-    if missing:
-        raise UserError(f"{flag} {value}: not a checkpoint of this stage (no {', '.join(missing)}); check the path")
+    else:
+        path = Path(value)
+        if not path.is_dir():
+            raise UserError(f"{flag} {value}: no such checkpoint directory; check the path")
+        if not is_complete(path):
+            raise UserError(
+                f"{flag} {value}: checkpoint is incomplete (no {COMPLETE_MARKER} marker; the run "
+                f"stopped while saving it); pass an earlier checkpoint or {flag} true"
+            )
+    problem = checkpoint_problem(path, tuple(required(path) if callable(required) else required))
+    if problem is not None:
+        raise UserError(f"{flag}: checkpoint {path} is damaged or not this stage's ({problem}), so a resume from it "
+                        f"would lose state; {intact_alternative(path, required, flag)}")
+    logger.info("Resuming from %s", path)
     return path
+
+
+def intact_alternative(damaged: Path, required, flag: str) -> str:
+    """How to go on past a damaged checkpoint: the newest intact one before it, or a fresh start."""
+    try:
+        step = checkpoint_step(damaged)
+    except ValueError:
+        step = None
+    candidate = latest_checkpoint(damaged.parent, before=step, quiet=True) if step is not None else None
+    while candidate is not None:
+        if checkpoint_problem(candidate, tuple(required(candidate) if callable(required) else required)) is None:
+            return (f"move it out of the way to resume from {candidate} (the newest intact one) with {flag} true, "
+                    f"or pass {flag} {candidate}")
+        candidate = latest_checkpoint(damaged.parent, before=checkpoint_step(candidate), quiet=True)
+    return "restore it from a backup, or start afresh without the flag in a new --output_dir"
+
+
+def trainer_resume_files(checkpoint: Path) -> tuple[str, ...]:
+    """What a Trainer resume reads besides the weights: its state, the optimizer and the LR schedule
+    (a DeepSpeed checkpoint keeps both in the engine's folder that its ``latest`` file names)."""
+    latest = checkpoint / "latest"
+    if latest.is_file():
+        return (TRAINER_STATE_FILE, latest.read_text().strip())
+    return (TRAINER_STATE_FILE, "optimizer.pt", "scheduler.pt")
 
 
 def resolve_trainer_resume(training_args) -> str | None:
     """``resolve_resume`` for the Trainer stages: from TrainingArguments, as the str ``trainer.train`` takes."""
-    found = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    found = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                           required=trainer_resume_files)
     return str(found) if found is not None else None
 
 

@@ -171,3 +171,84 @@ def test_unknown_flag_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--no_such_flag") as error:
         parse_sft(["--output_dir", str(tmp_path), "--no_such_flag", "1"])
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- config files read exactly (issue 26)
+
+
+def write_yaml(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_key_must_be_an_exact_field_name(tmp_path):
+    """argparse would take `learning_rat` as an abbreviation of --learning_rate; a config file may not."""
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path}\nlearning_rat: 0.001\n")
+    with pytest.raises(UserError) as error:
+        parse_sft([path])
+    message = str(error.value)
+    assert "'learning_rat'" in message and "did you mean 'learning_rate'" in message and "\n" not in message
+
+
+def test_config_key_far_from_every_field_names_no_guess(tmp_path):
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path}\nzzzqqq: 1\n")
+    with pytest.raises(UserError, match="unknown key 'zzzqqq'.*see --help"):
+        parse_sft([path])
+
+
+def test_config_null_means_the_field_default(tmp_path):
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path}\ntokenizer_name: null\nmax_seq_length: ~\n"
+                                "lora_target_modules: null\n")
+    model_args, _, ft_args, lora_args, _, _ = parse_sft([path]).values
+    assert model_args.tokenizer_name is None  # not the string "None"
+    assert ft_args.max_seq_length == FinetuneArguments().max_seq_length
+    assert lora_args.lora_target_modules is None
+
+
+def test_config_legacy_and_token_keys_still_accepted(tmp_path):
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path}\nevaluation_strategy: 'no'\nhf_access_token: {SECRET}\n")
+    parse_sft([path])
+    assert os.environ["HF_TOKEN"] == SECRET
+
+
+@pytest.mark.parametrize("text, line, column", [
+    ("output_dir: x\nlearning_rate: [1\n", 3, 1),
+    ("output_dir: x\n  bad: indent\n", 2, 6),
+])
+def test_yaml_syntax_error_is_one_line_with_line_and_column(text, line, column, tmp_path):
+    with pytest.raises(UserError) as error:
+        parse_sft([write_yaml(tmp_path, text)])
+    message = str(error.value)
+    assert "\n" not in message and f"line {line}, column {column}" in message, message
+
+
+def test_json_syntax_error_has_line_and_column(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "output_dir": "x",\n  "learning_rate" 1\n}\n')
+    with pytest.raises(UserError) as error:
+        parse_sft([str(path)])
+    assert "line 3, column 19" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_empty_config_file_sets_nothing(tmp_path):
+    path = write_yaml(tmp_path, "")
+    training_args = parse_sft([path, "--output_dir", str(tmp_path)]).values[-1]
+    assert training_args.output_dir == str(tmp_path)
+
+
+# ---------------------------------------------------------------- what trackers see (issue 26)
+
+
+@pytest.mark.parametrize("flag", ["--hf_access_token", "--use_auth_token", "--token", "--hub_token"])
+def test_parsing_takes_the_token_out_of_sys_argv(flag, tmp_path, monkeypatch):
+    """wandb (and anything else recording the command line) reads sys.argv: no token may be left there."""
+    argv = ["finetune_clm.py", "--output_dir", str(tmp_path), flag, SECRET, f"{flag}={SECRET}", "--do_train"]
+    monkeypatch.setattr("sys.argv", list(argv))
+    import sys
+
+    training_args = parse_sft(sys.argv[1:]).values[-1]
+    assert SECRET not in " ".join(sys.argv) and flag not in sys.argv
+    assert sys.argv == ["finetune_clm.py", "--output_dir", str(tmp_path), "--do_train"]
+    assert os.environ["HF_TOKEN"] == SECRET
+    assert training_args.hub_token is None  # so training_args.bin cannot hold it

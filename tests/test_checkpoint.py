@@ -113,3 +113,39 @@ def test_metrics_log_resume_drops_rows_after_checkpoint(tmp_path):
     assert [(r["step"], r["loss"]) for r in resumed.rows()] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     fresh = MetricsLog(path)  # a new run starts a new log
     assert fresh.rows() == []
+
+
+# ---------------------------------------------------------------- file checks (issue 26)
+
+
+def test_checkpoint_problem_finds_empty_truncated_and_missing_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from rlhf.checkpoint import checkpoint_problem
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    torch.save({"a": torch.zeros(64)}, folder / "state.pt")
+    save_file({"w": torch.zeros(64)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "README.md").write_text("")  # not a file a resume reads: its content is not checked
+    assert checkpoint_problem(folder, ("state.pt",)) is None
+    assert checkpoint_problem(folder, ("missing.pt",)) == "has no missing.pt"
+
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:-10])
+    assert "model.safetensors is truncated" in checkpoint_problem(folder)
+    (folder / "model.safetensors").write_bytes(weights[:5])
+    assert "model.safetensors is truncated" in checkpoint_problem(folder)
+    (folder / "model.safetensors").write_bytes(weights)
+
+    state = (folder / "state.pt").read_bytes()
+    (folder / "state.pt").write_bytes(state[: len(state) - 30])
+    assert "state.pt is truncated" in checkpoint_problem(folder)
+    (folder / "state.pt").write_bytes(b"")
+    assert checkpoint_problem(folder) == "state.pt is empty"
+    (folder / "state.pt").write_bytes(state)
+
+    (folder / "config.json").write_text('{"a": ')
+    assert checkpoint_problem(folder).startswith("config.json is not valid JSON")

@@ -520,3 +520,42 @@ def test_dataset_data_dir_picks_one_folder_of_a_dataset(tmp_path, plain_tokenize
     assert fmt == "implicit"
     assert examples["prompt"][0] == "\n\nHuman: Q0?\n\nAssistant:"
     assert examples["chosen"][0] == " I won't help with that." and examples["rejected"][0] == " No."
+
+
+# ---------------------------------------------------------------- issue 26: identical pairs, split sizes
+
+
+def test_identical_pairs_are_dropped_with_their_count(tmp_path, plain_tokenizer, caplog):
+    rows = [*ORCA_ROWS, {**ORCA_ROWS[1], "rejected": ORCA_ROWS[1]["chosen"]},
+            {**ORCA_ROWS[3], "rejected": " " + ORCA_ROWS[3]["chosen"] + "\n"}]
+    with caplog.at_level("WARNING", logger="rlhf"):
+        prepared, _ = load(write(tmp_path / "same.jsonl", rows), plain_tokenizer, "plain", allow_sft=False)
+    assert len(prepared) == len(ORCA_ROWS)
+    assert all(c.strip() != r.strip() for c, r in zip(prepared["chosen"], prepared["rejected"]))
+    assert "dropping 2 of 6 pairs whose chosen and rejected answers are identical (row 4 first)" in caplog.text
+
+
+def test_identical_implicit_pairs_are_dropped_not_an_empty_answer_error(tmp_path, plain_tokenizer):
+    rows = [{"chosen": "Q: hi A: hello", "rejected": "Q: hi A: go away"}, {"chosen": "Q: x A: y", "rejected": "Q: x A: y"}]
+    prepared, fmt = load(write(tmp_path / "implicit.jsonl", rows), plain_tokenizer, "plain", allow_sft=False)
+    assert fmt == "implicit" and len(prepared) == 1
+
+
+def test_a_file_of_identical_pairs_only_is_refused(tmp_path, plain_tokenizer):
+    rows = [{**row, "rejected": row["chosen"]} for row in ORCA_ROWS]
+    expect_error(write(tmp_path / "same.jsonl", rows), plain_tokenizer, "in all 4 pairs", "identical")
+
+
+def test_identical_answers_are_kept_for_sft(tmp_path, plain_tokenizer):
+    rows = [{**row, "rejected": row["chosen"]} for row in ORCA_ROWS]
+    prepared, _ = load(write(tmp_path / "same.jsonl", rows), plain_tokenizer, "plain", allow_sft=True)
+    assert len(prepared) == len(ORCA_ROWS)  # SFT and PPO read only prompt and chosen
+
+
+def test_single_row_under_a_validation_split_is_a_user_error(tmp_path):
+    path = write(tmp_path / "one.jsonl", ORCA_ROWS[:1])
+    with pytest.raises(UserError) as error:
+        load_splits(DataArguments(train_file=path, validation_split_percentage=2))
+    assert "1 row(s) are too few" in str(error.value) and "--validation_split_percentage 0" in str(error.value)
+    train, evaluation, _, _ = load_splits(DataArguments(train_file=path, validation_split_percentage=0))
+    assert len(train) == 1 and evaluation is None

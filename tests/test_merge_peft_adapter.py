@@ -200,6 +200,19 @@ def test_non_empty_output_needs_overwrite(causal_adapter, tmp_path, monkeypatch,
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_name_that_is_a_file_is_refused_and_left_alone(overwrite, causal_adapter, tmp_path, monkeypatch, capsys):
+    """It used to exit 0 and print 'written to' while save_pretrained wrote nothing (issue 26)."""
+    adapter, _ = causal_adapter
+    out = tmp_path / "merged.bin"
+    out.write_bytes(b"my file")
+    code, err = run_in_process(monkeypatch, capsys, "--adapter_model_name", str(adapter), "--output_name", str(out),
+                               *(["--overwrite_output_dir"] if overwrite else []))
+    assert code == 2
+    assert_one_error_line(err, f"--output_name {out} is an existing file")
+    assert "written to" not in err and out.read_bytes() == b"my file"
+
+
 # ---------------------------------------------------------------- broken adapters and base models
 # Every piece missing or of the wrong kind: exit 2 and one line naming it, nothing written.
 

@@ -10,7 +10,11 @@ One test per failure kind, each over the stages it concerns:
 - non-finite loss / reward: exit 3 naming the step and the quantity, or skipped by option;
 - a non-empty output_dir of another run is refused, user files are never deleted;
 - bad input exits 2 with one line before any model is built; a tokenizer without pad token works;
-- secrets never reach the outputs; weights are only loaded safely.
+- secrets never reach the outputs; weights are only loaded safely;
+- the same user mistake given to every stage (SFT, RM, DPO, PPO, merge): a misspelt or unparsable
+  config file, LoRA rank 0, LoRA targets the model lacks, a damaged checkpoint, a split that leaves
+  no training row, identical preference pairs, an output path that is a file: exit 2, one line, no
+  traceback, no model loaded and earlier outputs intact (issue 26).
 
 The uninterrupted reference runs are module-scoped and shared. Runs whose exit code or signal
 handling matters are subprocesses; the rest run in-process through ``run_cli(main)``.
@@ -39,15 +43,19 @@ from rlhf.errors import run_cli
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import dpo_training  # noqa: E402
 import finetune_clm  # noqa: E402
 import gaudi_spawn  # noqa: E402
+import merge_peft_adapter  # noqa: E402
 import reward_modeling  # noqa: E402
 import rl_training  # noqa: E402
 
 SECRET = "hf_RELIABILITYsecret1234567890"
 ATOL = 1e-5
-SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py", "ppo": "rl_training.py"}
-MODULES = {"sft": finetune_clm, "rm": reward_modeling, "ppo": rl_training}
+SCRIPTS = {"sft": "finetune_clm.py", "rm": "reward_modeling.py", "ppo": "rl_training.py", "dpo": "dpo_training.py",
+           "merge": "merge_peft_adapter.py"}
+MODULES = {"sft": finetune_clm, "rm": reward_modeling, "ppo": rl_training, "dpo": dpo_training,
+           "merge": merge_peft_adapter}
 FINAL_WEIGHTS = {
     "sft": ["adapter_model.safetensors"],
     "rm": ["model.safetensors"],
@@ -510,3 +518,163 @@ def test_trust_remote_code_is_off_by_default():
 
     assert ModelArguments().trust_remote_code is False
     assert rl_training.ScriptArguments().trust_remote_code is False
+
+
+# ---------------------------------------------------------------- the same mistake, every stage (issue 26)
+
+SWEEP_STAGES = ("sft", "rm", "dpo", "ppo", "merge")
+HEAVY = {"sft": [(finetune_clm, "load_causal_lm")], "rm": [(reward_modeling, "load_sequence_classifier")],
+         "dpo": [(dpo_training, "load_causal_lm")], "ppo": [(rl_training, "build_policy"), (rl_training, "build_reward")],
+         "merge": [(merge_peft_adapter, "merge")]}
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tiny_model_dir, small_data, tmp_path_factory) -> dict:
+    """A tiny GPT-2 (Conv1D c_attn/c_proj/c_fc), a one-pair file and a file of identical pairs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("sweep")
+    gpt2 = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(gpt2)
+    for tokenizer_file in Path(tiny_model_dir).glob("tokenizer*"):
+        shutil.copy(tokenizer_file, gpt2)
+    rows = [json.loads(line) for line in Path(small_data).read_text().splitlines()]
+    (root / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (root / "same.jsonl").write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows[:6]))
+    return {"tiny": tiny_model_dir, "gpt2": str(gpt2), "data": small_data, "one": str(root / "one.jsonl"),
+            "same": str(root / "same.jsonl")}
+
+
+def sweep_args(stage: str, inputs: dict, out: Path, model: str | None = None, data: str | None = None) -> list[str]:
+    """Each stage's smallest command; nothing in it is wrong."""
+    model, data = model or inputs["tiny"], data or inputs["data"]
+    trainer = ["--train_file", data, "--device", "cpu", "--report_to", "none", "--output_dir", str(out)]
+    if stage == "sft":
+        return ["--model_name_or_path", model, "--do_train", *trainer]
+    if stage in ("rm", "dpo"):
+        return ["--model_name_or_path", model, *trainer]
+    if stage == "ppo":
+        return ["--model_name", model, "--reward_model_name", inputs["tiny"], "--train_file", data, "--device", "cpu",
+                "--output_dir", str(out)]
+    return ["--adapter_model_name", str(out.parent / "adapter"), "--output_name", str(out)]
+
+
+def argv_to_config(argv: list[str]) -> dict:
+    config, i = {}, 0
+    while i < len(argv):
+        name = argv[i][2:]
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            config[name], i = argv[i + 1], i + 2
+        else:
+            config[name], i = True, i + 1
+    return config
+
+
+def damaged_checkpoint(out: Path, stage: str, damage: str) -> None:
+    folder = out / "checkpoint-2"
+    folder.mkdir(parents=True)
+    if stage == "ppo":
+        torch.save({"step": 2, "optimizer": {"state": {}}}, folder / "ppo_state.pt")
+    else:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
+        torch.save({"state": {}}, folder / "optimizer.pt")
+        torch.save({"last_epoch": 2}, folder / "scheduler.pt")
+    if damage == "truncated":
+        target = folder / ("ppo_state.pt" if stage == "ppo" else "trainer_state.json")
+        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    else:
+        (folder / "optimizer.pt").unlink()
+    (folder / COMPLETE_MARKER).write_text("ok\n")
+
+
+def yaml_of(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config)
+
+
+def build_case(case: str, stage: str, inputs: dict, tmp_path: Path) -> tuple[list[str], str]:
+    """(argv, fragment of the one error line) for one mistake given to one stage."""
+    out = tmp_path / "out"
+    base = sweep_args(stage, inputs, out)
+    if case == "config_misspelt_key":
+        path = tmp_path / "stage.yaml"
+        path.write_text(yaml_of({**argv_to_config(base), "learning_rat": 0.001}))
+        return [str(path)], "unknown key 'learning_rat'"
+    if case == "config_syntax_error":
+        path = tmp_path / "stage.yaml"
+        path.write_text(yaml_of(argv_to_config(base)) + "learning_rate: [1\n")
+        return ["--config", str(path)], f"line {len(path.read_text().splitlines()) + 1}, column 1"
+    if case == "lora_rank_zero":
+        flag = "--lora_r" if stage == "ppo" else "--lora_rank"
+        return [*base, flag, "0"], f"{flag} 0 must be a positive integer"
+    if case == "lora_targets_not_in_model":
+        return sweep_args(stage, inputs, out, model=inputs["gpt2"]), "its linear modules are c_attn c_fc c_proj"
+    if case in ("checkpoint_truncated", "checkpoint_without_optimizer"):
+        damaged_checkpoint(out, stage, "truncated" if case == "checkpoint_truncated" else "no_optimizer")
+        fragment = ("is truncated" if stage == "ppo" else "trainer_state.json is not valid JSON") \
+            if case == "checkpoint_truncated" else "has no optimizer.pt"
+        return [*base, "--resume_from_checkpoint", "true"], fragment
+    if case == "one_pair_under_validation_split":
+        split = ["--validation_split_percentage", "2"] if stage in ("sft", "ppo") else []  # RM/DPO: the default
+        return [*sweep_args(stage, inputs, out, data=inputs["one"]), *split], "1 row(s) are too few to hold out"
+    if case == "identical_pairs_only":
+        return [*sweep_args(stage, inputs, out, data=inputs["same"]), "--validation_split_percentage", "0"], \
+            "chosen and rejected answers are identical"
+    if case == "output_is_a_file":
+        out.write_text("my notes\n")
+        return base, "file"
+    raise AssertionError(case)
+
+
+SWEEP_CASES = [
+    *[("config_misspelt_key", s) for s in SWEEP_STAGES],
+    *[("config_syntax_error", s) for s in SWEEP_STAGES],
+    *[("output_is_a_file", s) for s in SWEEP_STAGES],
+    *[("lora_rank_zero", s) for s in ("sft", "rm", "dpo", "ppo")],
+    *[("lora_targets_not_in_model", s) for s in ("sft", "rm", "dpo", "ppo")],
+    *[("checkpoint_truncated", s) for s in ("sft", "rm", "dpo", "ppo")],
+    *[("checkpoint_without_optimizer", s) for s in ("sft", "rm", "dpo")],  # PPO keeps its optimizer in ppo_state.pt
+    *[("one_pair_under_validation_split", s) for s in ("sft", "rm", "dpo", "ppo")],
+    *[("identical_pairs_only", s) for s in ("rm", "dpo")],  # SFT and PPO read no rejected answer
+]
+
+
+def snapshot(path: Path) -> dict:
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} \
+        if path.exists() else {}
+
+
+@pytest.mark.parametrize("case, stage", SWEEP_CASES, ids=[f"{c}-{s}" for c, s in SWEEP_CASES])
+def test_same_mistake_every_stage_exits_2_with_one_line(case, stage, sweep_inputs, tmp_path, monkeypatch, capsys):
+    argv, fragment = build_case(case, stage, sweep_inputs, tmp_path)
+    before = snapshot(tmp_path / "out")
+
+    def heavy(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the mistake was found")
+
+    for module, name in HEAVY[stage]:
+        monkeypatch.setattr(module, name, heavy)
+    code, err = run_in_process(monkeypatch, capsys, stage, argv)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert errors == [err.strip().splitlines()[-1]], err[-3000:]  # one error line, the last one
+    assert errors[0].startswith(f"{SCRIPTS[stage]}: error: ") and fragment in errors[0], errors[0]
+    assert snapshot(tmp_path / "out") == before  # earlier outputs (a checkpoint, a file) untouched
+
+
+@pytest.mark.parametrize("stage", SWEEP_STAGES)
+def test_same_mistake_on_the_real_command_line(stage, sweep_inputs, tmp_path):
+    """The CLI itself, as a user runs it: a misspelt config key is exit 2 and one stderr line."""
+    argv, fragment = build_case("config_misspelt_key", stage, sweep_inputs, tmp_path)
+    result = subprocess.run([sys.executable, SCRIPTS[stage], *argv], cwd=REPO, env=clean_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "real_accelerator" not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith(f"{SCRIPTS[stage]}: error: ") and fragment in lines[0]
+    assert not (tmp_path / "out").exists()

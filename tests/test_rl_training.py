@@ -166,10 +166,14 @@ def ppo_run(tiny_model_dir, tmp_path_factory):
             "--ppo_epochs", "1", "--output_max_length", "8", "--steps", "4", "--save_freq", "2",
             "--eval_samples", "4", "--batched_gen", "True", "--missing_eos_penalty", "0.5", "--log_with", "wandb",
             "--best_of_n", "3", "--output_dir", str(root / "out")]
-    result = subprocess.run([sys.executable, "rl_training.py", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=600, env=env(WANDB_MODE="offline"))
+    # The token on the command line, as the reference's users pass it: wandb records sys.argv (issue 26).
+    result = subprocess.run([sys.executable, "rl_training.py", *args, "--hf_access_token", SECRET], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env(WANDB_MODE="offline"))
     assert result.returncode == 0, result.stderr[-4000:]
     return root / "out", args, result
+
+
+SECRET = "hf_WANDBsecretTOKEN0123456789"
 
 
 def test_run_writes_every_output(ppo_run):
@@ -274,6 +278,16 @@ def test_wandb_offline_run_holds_the_ppo_metrics(ppo_run):
     records = runs[0].read_bytes()
     for key in (b"objective/raw_scores", b"objective/kl_coef", b"loss/value"):
         assert records.count(key) >= 4, (key, records.count(key))
+
+
+def test_token_reaches_no_file_of_the_wandb_run(ppo_run):
+    """Tracker config, wandb run files and metadata, summaries, checkpoints, logs: no token anywhere."""
+    out, _, result = ppo_run
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".wandb") for p in files) and any(p.parent.name.startswith("checkpoint-") for p in files)
+    leaked = [str(p.relative_to(out)) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    assert SECRET not in result.stdout and SECRET not in result.stderr
 
 
 def test_resuming_a_finished_run_changes_nothing(ppo_run):

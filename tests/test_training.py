@@ -32,8 +32,12 @@ from rlhf.training import (
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    """A Trainer checkpoint with the files a resume reads (tiny but well-formed)."""
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
     if complete:
         mark_complete(folder)
     return folder
@@ -81,9 +85,9 @@ def test_resolve_resume_explicit_paths(tmp_path):
         resolve_resume(str(bad), tmp_path)
     with pytest.raises(UserError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
-    with pytest.raises(UserError, match=r"not a checkpoint of this stage \(no ppo_state.pt\)"):
+    with pytest.raises(UserError, match=r"not this stage's \(has no ppo_state.pt\)"):
         resolve_resume(str(good), tmp_path, required=("ppo_state.pt",))
-    (good / "ppo_state.pt").write_bytes(b"")
+    torch.save({"step": 2}, good / "ppo_state.pt")
     assert resolve_resume(str(good), tmp_path, required=("ppo_state.pt",)) == good
 
 
@@ -368,3 +372,67 @@ def test_train_and_save_from_last_checkpoint_saves_without_training(tmp_path):
     assert torch.equal(toy_weights(out), toy_weights(out / "checkpoint-4"))
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert metrics["train_samples"] == 16 and metrics["train_loss"] > 0
+
+
+# ---------------------------------------------------------------- damaged checkpoints (issue 26)
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+    (lambda c: (c / "optimizer.pt").unlink(), "has no optimizer.pt"),
+    (lambda c: (c / "scheduler.pt").unlink(), "has no scheduler.pt"),
+    (lambda c: truncate(c / "optimizer.pt"), "optimizer.pt is truncated"),
+    (lambda c: (c / "trainer_state.json").write_text("{}"), "trainer_state.json has no global_step"),
+])
+def test_damaged_checkpoint_with_marker_is_refused_naming_the_intact_one(damage, fragment, tmp_path):
+    """COMPLETE exists but a file a resume reads is missing or truncated: refused, never resumed with a fresh
+    optimizer or a traceback; the message names the newest intact checkpoint before it."""
+    intact = make_checkpoint(tmp_path, 2)
+    damaged = make_checkpoint(tmp_path, 4)
+    damage(damaged)
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    for value in ("true", str(damaged)):
+        with pytest.raises(UserError) as error:
+            resolve_trainer_resume(resume_args(tmp_path, value))
+        message = str(error.value)
+        assert "\n" not in message and fragment in message and str(damaged) in message, message
+        assert f"resume from {intact}" in message
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before  # left as it was
+    assert resolve_trainer_resume(resume_args(tmp_path, str(intact))) == str(intact)
+
+
+def test_damaged_checkpoint_without_an_intact_one_says_how_to_go_on(tmp_path):
+    damaged = make_checkpoint(tmp_path, 2)
+    (damaged / "optimizer.pt").unlink()
+    with pytest.raises(UserError, match="restore it from a backup, or start afresh"):
+        resolve_trainer_resume(resume_args(tmp_path, "true"))
+
+
+def test_truncated_ppo_state_is_refused(tmp_path):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    torch.save({"step": 3, "optimizer": {"state": {}}}, folder / "ppo_state.pt")
+    mark_complete(folder)
+    assert resolve_resume("true", tmp_path, required=("ppo_state.pt",)) == folder
+    truncate(folder / "ppo_state.pt", 0.9)
+    with pytest.raises(UserError, match="ppo_state.pt is truncated"):
+        resolve_resume("true", tmp_path, required=("ppo_state.pt",))
+
+
+def test_deepspeed_checkpoint_needs_its_engine_folder_not_optimizer_pt(tmp_path):
+    from rlhf.training import trainer_resume_files
+
+    folder = make_checkpoint(tmp_path, 2)
+    (folder / "optimizer.pt").unlink()
+    (folder / "scheduler.pt").unlink()
+    (folder / "latest").write_text("global_step2")
+    assert trainer_resume_files(folder) == ("trainer_state.json", "global_step2")
+    with pytest.raises(UserError, match="has no global_step2"):
+        resolve_trainer_resume(resume_args(tmp_path, "true"))
+    (folder / "global_step2").mkdir()
+    assert resolve_trainer_resume(resume_args(tmp_path, "true")) == str(folder)
