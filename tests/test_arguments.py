@@ -212,6 +212,13 @@ def test_config_legacy_and_token_keys_still_accepted(tmp_path):
     assert os.environ["HF_TOKEN"] == SECRET
 
 
+def test_config_takes_a_fields_aliases_too(tmp_path):
+    """--lora_r (the reference's name for --lora_rank) is a flag, so it is a config key as well."""
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path}\nlora_r: 4\n")
+    lora_args = parse_sft([path]).values[3]
+    assert lora_args.lora_rank == 4
+
+
 @pytest.mark.parametrize("text, line, column", [
     ("output_dir: x\nlearning_rate: [1\n", 3, 1),
     ("output_dir: x\n  bad: indent\n", 2, 6),
