@@ -43,8 +43,11 @@ def module_names(model_path: str, trust_remote_code: bool = False, flag: str = "
 
     from rlhf.modeling import load_config  # an unloadable config is a one-line error there
 
+    from rlhf.zero import zero3_init_disabled
+
     config = load_config(model_path, flag, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    # a ZeRO-3 Trainer's config would make from_config partition and initialise the meta weights
+    with zero3_init_disabled(), torch.device("meta"):
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError:  # an architecture without a causal-LM head (e.g. an encoder for a reward model)
