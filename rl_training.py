@@ -424,14 +424,14 @@ def main() -> None:
     for spec in args.reward_fn or []:
         import_reward_fn(spec)  # a name that does not import stops here, before any model is loaded
     check_engine_available(config.rollout_engine)  # before any model loads
-    if args.peft == "lora" and not resume_requested(args.resume_from_checkpoint):  # a resume reads the saved adapter
-        check_lora_targets(check_model_path(args.model_name, "--model_name"), args.lora_target_modules, DEFAULT_TARGETS,
-                           trust_remote_code=args.trust_remote_code, all_linear_flag=None, model_flag="--model_name")
     backend.check_precision(bf16=args.bf16)
     if args.bf16 and args.peft == "none":
         raise UserError("--bf16 with --peft none would make Adam update bfloat16 weights, which lose small updates; "
                         "use --peft lora (frozen bf16 base, fp32 adapter) or drop --bf16")
     deepspeed_plugin = ppo_deepspeed_plugin(args.deepspeed, config, dist.world_size, backend.device)  # None: none
+    if args.peft == "lora" and not resume_requested(args.resume_from_checkpoint):  # a resume reads the saved adapter
+        check_lora_targets(check_model_path(args.model_name, "--model_name"), args.lora_target_modules, DEFAULT_TARGETS,
+                           trust_remote_code=args.trust_remote_code, all_linear_flag=None, model_flag="--model_name")
     if backend.is_gaudi and not config.pad_for_acceleration:
         config = dataclasses.replace(config, pad_for_acceleration=True)  # HPU graphs need static shapes
     resuming = resume_requested(args.resume_from_checkpoint)

@@ -57,12 +57,12 @@ def check_engine_available(name: str) -> None:
     """Refuse (one line) an unknown engine, or one whose package is not installed, before any model loads."""
     import importlib.util
 
-    if name in ROLLOUT_ENGINES:
-        return
     if name not in OPTIONAL_ENGINES:
+        if name in ROLLOUT_ENGINES:
+            return
         known = sorted({*ROLLOUT_ENGINES, *OPTIONAL_ENGINES})
         raise UserError(f"--rollout_engine {name} is unknown; use one of {', '.join(known)}")
-    _, package, install = OPTIONAL_ENGINES[name]
+    _, package, install = OPTIONAL_ENGINES[name]  # its package, whether or not its module was imported
     if importlib.util.find_spec(package) is None:
         raise UserError(f"--rollout_engine {name} needs the {package} package, which is not installed here; "
                         f"install it with {install}, or use --rollout_engine hf")

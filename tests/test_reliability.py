@@ -607,8 +607,8 @@ def build_case(case: str, stage: str, inputs: dict, tmp_path: Path) -> tuple[lis
         path.write_text(yaml_of(argv_to_config(base)) + "learning_rate: [1\n")
         return ["--config", str(path)], f"line {len(path.read_text().splitlines()) + 1}, column 1"
     if case == "lora_rank_zero":
-        flag = "--lora_r" if stage == "ppo" else "--lora_rank"
-        return [*base, flag, "0"], f"{flag} 0 must be a positive integer"
+        flag = "--lora_r" if stage == "ppo" else "--lora_rank"  # the reference's name: an alias of --lora_rank
+        return [*base, flag, "0"], "--lora_rank 0 must be a positive integer"
     if case == "lora_targets_not_in_model":
         return sweep_args(stage, inputs, out, model=inputs["gpt2"]), "its linear modules are c_attn c_fc c_proj"
     if case in ("checkpoint_truncated", "checkpoint_without_optimizer"):

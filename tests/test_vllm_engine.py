@@ -105,8 +105,10 @@ def test_missing_vllm_is_one_user_error_with_the_install_command(tiny_model_dir,
 
 
 def test_model_path_without_a_checkpoint_is_refused(tmp_path):
+    from rlhf.vllm_engine import VLLMEngine  # directly: make_engine refuses first where vLLM is not installed
+
     with pytest.raises(UserError, match="config.json"):
-        make_engine("vllm", model=None, model_path=str(tmp_path), eos_token_id=2, pad_token_id=0)
+        VLLMEngine(model=None, model_path=str(tmp_path), eos_token_id=2, pad_token_id=0)
 
 
 def test_head_size_the_cpu_backend_lacks_is_refused_before_start(tiny_model_dir):
