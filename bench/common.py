@@ -18,6 +18,7 @@ Workload (one JSON file written by ``run_bench.py`` and read by every worker wit
     warmup, steps   unmeasured and measured PPO steps
     lora            r / alpha / dropout / target modules of the policy's LoRA adapter
     learning_rate, seed, threads
+    precision       "fp32" or "bf16" (bf16: frozen weights in bfloat16 for PPO/GRPO, autocast for the Trainer tasks)
     num_generations GRPO: responses per prompt (batch_size counts responses: batch_size / k prompts per step)
     grpo_beta       GRPO: weight of the k3 KL loss term (reference = the adapter-disabled policy)
     sft_*           SFT / RM / DPO: batch_size (pairs for RM and DPO), max_length, warmup, steps
@@ -67,6 +68,10 @@ def load_workload(path: str) -> dict:
     torch.set_num_threads(int(workload.get("threads") or torch.get_num_threads()))
     torch.manual_seed(int(workload.get("seed", 0)))
     return workload
+
+
+def is_bf16(workload: dict) -> bool:
+    return workload.get("precision", "fp32") == "bf16"
 
 
 def demo_rows(limit: int | None = None) -> list[dict]:
@@ -204,11 +209,11 @@ class PeakMemory:
 # ---------------------------------------------------------------- FLOPs
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
-    """Best observed fp32 ``torch.matmul`` FLOP/s of an n x n product on this machine (or GPU)."""
+def matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
+    """Best observed ``torch.matmul`` FLOP/s of an n x n product in ``dtype`` on this machine (or GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     best = float("inf")
     for i in range(repeats + 2):
         if device == "cuda":
@@ -220,6 +225,48 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 8) -> float:
         if i >= 2:
             best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 6) -> float:
+    """Best observed bytes/s of reading a ``mib`` MiB tensor once (``sum``): what a decode step's weight and KV-cache
+    reads are bound by (far larger than the caches, so it measures memory, not cache)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 1:
+            best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def model_shape(model) -> dict:
+    """What a decode step reads besides the weights: the KV cache's size per token (layers x kv heads x head dim)."""
+    config = model.config
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+def generation_roofline(n_params: int, shape: dict, batch: int, prompt_len: float, new_tokens: float,
+                        bytes_per_value: int, peak_flops: float, bandwidth: float) -> dict:
+    """The fastest ``generate`` could be, phase by phase: prefill is compute (2N FLOPs per prompt token); each
+    decode step does 2N FLOPs per sequence and reads every weight once plus the KV cache so far, so it takes
+    the longer of FLOPs / peak and bytes / read bandwidth. Returns seconds and the bytes of the middle step."""
+    kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * bytes_per_value
+    prefill_s = 2 * n_params * batch * prompt_len / peak_flops
+    decode_s, steps = 0.0, max(int(round(new_tokens)), 1)
+    for t in range(steps):
+        step_bytes = n_params * bytes_per_value + kv_per_token * batch * (prompt_len + t)
+        decode_s += max(2 * n_params * batch / peak_flops, step_bytes / bandwidth)
+    middle = n_params * bytes_per_value + kv_per_token * batch * (prompt_len + steps / 2)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "bound_s": prefill_s + decode_s,
+            "decode_step_bytes": middle}
 
 
 def count_params(model) -> int:

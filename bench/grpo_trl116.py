@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, Timers, count_params, prompt_texts, rule_reward, start_ppo_worker, step_row, summarize_steps,
-    write_result,
+    LORA_TARGETS, Timers, count_params, is_bf16, model_shape, prompt_texts, rule_reward, start_ppo_worker, step_row,
+    summarize_steps, write_result,
 )
 
 
@@ -54,7 +54,8 @@ def main() -> None:
     total = wl["warmup"] + wl["steps"]
     per_step = minibatches * epochs  # optimizer steps per GRPO step
     tokenizer = load_tokenizer(wl["model_dir"], padding_side="left")
-    model = load_causal_lm(wl["model_dir"])
+    bf16 = is_bf16(wl)
+    model = load_causal_lm(wl["model_dir"], dtype=torch.bfloat16 if bf16 else None)  # frozen weights as ours
     n_params = count_params(model)
     lora = wl["lora"]
     config = GRPOConfig(
@@ -63,7 +64,7 @@ def main() -> None:
         max_completion_length=wl["new_tokens"], generation_kwargs={"min_new_tokens": wl["new_tokens"]},
         temperature=1.0, top_k=0, top_p=1.0, beta=wl["grpo_beta"], epsilon=0.2, loss_type="bnpo",
         scale_rewards="group", learning_rate=wl["learning_rate"], lr_scheduler_type="constant", max_grad_norm=1.0,
-        max_steps=total * per_step, shuffle_dataset=False, disable_dropout=True, bf16=False, fp16=False,
+        max_steps=total * per_step, shuffle_dataset=False, disable_dropout=True, bf16=bf16, fp16=False,
         use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=10**6,
         disable_tqdm=True, dataloader_num_workers=0, seed=wl["seed"], gradient_checkpointing=False,
     )
@@ -117,6 +118,7 @@ def main() -> None:
 
     write_result(args.out, {
         "framework": "trl116", "task": "grpo", "size": wl["size"], "n_params": n_params, "n_rm_params": 0,
+        "precision": wl.get("precision", "fp32"), "model_shape": model_shape(model),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "steps": steps, "median": summarize_steps(steps, wl["warmup"]),
         "prompt_len_mean": sum(lengths["prompt"]) / len(lengths["prompt"]),

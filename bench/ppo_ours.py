@@ -10,7 +10,8 @@ GRPO (``--task grpo``): the same LoRA policy without a value head, ``advantage_e
 ``num_generations`` k responses per prompt (batch_size / k prompts, each k times in a row, as
 ``rl_training.py`` builds the batch), the KL to the reference as a k3 loss term (``use_kl_loss``,
 fixed ``grpo_beta``); reward = the demo rule (``common.rule_reward``), no reward model.
-Each step is ``generate -> score -> step``; generation and scoring are timed here and passed to
+``precision`` bf16: base and reward model loaded in bfloat16, the adapter and value head fp32 (rl_training.py
+--bf16). Each step is ``generate -> score -> step``; generation and scoring are timed here and passed to
 ``step``, which adds its own ``time/forward_s`` and ``time/update_s``.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, count_params, prompt_ids, rule_reward, summarize_steps, write_result,
+    LORA_TARGETS, count_params, is_bf16, model_shape, prompt_ids, rule_reward, summarize_steps, write_result,
     mean_tokens, start_ppo_worker, step_row,
 )
 
@@ -42,7 +43,8 @@ def main() -> None:
     from rlhf.reward import RewardScorer
 
     tokenizer = load_tokenizer(wl["model_dir"], padding_side="left")
-    base = load_causal_lm(wl["model_dir"])
+    dtype = torch.bfloat16 if is_bf16(wl) else None  # as rl_training.py --bf16: frozen weights bf16, LoRA fp32
+    base = load_causal_lm(wl["model_dir"], dtype=dtype)
     n_params = count_params(base)
     lora = wl["lora"]
     policy = PolicyWithValueHead(get_peft_model(base, LoraConfig(
@@ -55,7 +57,7 @@ def main() -> None:
                          init_kl_coef=wl["grpo_beta"], adap_kl_ctrl=False)
     else:
         rm_tokenizer = load_tokenizer(wl["rm_dir"])
-        reward_model = load_sequence_classifier(wl["rm_dir"], rm_tokenizer).requires_grad_(False).eval()
+        reward_model = load_sequence_classifier(wl["rm_dir"], rm_tokenizer, dtype=dtype).requires_grad_(False).eval()
         n_rm_params = count_params(reward_model)
         scorer = RewardScorer(reward_model, rm_tokenizer, batch_size=wl["batch_size"],
                               max_length=wl["prompt_tokens"] + 2 * wl["new_tokens"] + 8)
@@ -86,6 +88,7 @@ def main() -> None:
 
     write_result(args.out, {
         "framework": "ours", "task": args.task, "size": wl["size"], "n_params": n_params, "n_rm_params": n_rm_params,
+        "precision": wl.get("precision", "fp32"), "model_shape": model_shape(base),
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
         "steps": steps, "median": summarize_steps(steps, wl["warmup"]),
         "prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths),

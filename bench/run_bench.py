@@ -36,6 +36,9 @@ head). Missing venvs and models are created first (install times are printed and
 Settings (flags, or environment variables for ``make bench``):
   --sizes / BENCH_SIZES (tiny,smol)    --tasks / BENCH_TASKS (ppo,grpo,sft,rm,dpo)
   --frameworks / BENCH_FRAMEWORKS (ours,trl112,trl0114)
+  --precisions / BENCH_PRECISIONS (auto: fp32, and bf16 where rlhf.backend.bf16_supported says the hardware
+      computes in it; the output says so when it does not). bf16 PPO runs ours only (the TRL 1.12 / 0.11.4
+      rows are the fp32 comparison); GRPO, SFT, RM and DPO run ours and TRL 1.16 in both.
   BENCH_BATCH (8)  BENCH_NEW_TOKENS (32)  BENCH_PPO_EPOCHS (2)  BENCH_MINIBATCHES (2)  BENCH_PROMPT_TOKENS (64)
   BENCH_WARMUP (1)  BENCH_STEPS (3 smol / 10 tiny)  BENCH_GENERATIONS (4, GRPO's k)  BENCH_GRPO_BETA (0.04)
   BENCH_THREADS (all cores; 1 on a busy shared machine: oversubscribed OpenMP threads stall each other)
@@ -46,8 +49,11 @@ Settings (flags, or environment variables for ``make bench``):
 Results: one JSON per run in bench/results/ (gitignored) and bench/results/summary.json; tables on stdout.
 Step times are medians over the measured steps; memory is the peak RSS of the worker process (sampled
 every 5 ms, and ru_maxrss), on GPU ``torch.cuda.max_memory_allocated``. MFU = achieved FLOP/s (6 x params x
-tokens for training, 2 x params x tokens for forward-only work) / the measured fp32 matmul peak (with the workers'
-thread count); with LoRA, 4 x params x tokens is what is really computed, so both are printed.
+tokens for training, 2 x params x tokens for forward-only work) / the measured matmul peak of the row's precision
+(with the workers' thread count); with LoRA, 4 x params x tokens is what is really computed, so both are printed.
+Generation gets a roofline of its own: prefill FLOPs against the peak, then each decode step the longer of its FLOPs
+against the peak and its bytes (every weight once, plus the KV cache so far) against the measured memory read
+bandwidth; "gen roofline %" is that bound over the measured generate time.
 Re-print the tables of the last run: ``.venv/bin/python bench/run_bench.py --report``.
 """
 
@@ -167,22 +173,56 @@ def torch_version() -> str:
     return proc.stdout.strip()
 
 
-def matmul_peak() -> float:
+def matmul_peak(dtype: str = "float32") -> float:
     threads = env_int("BENCH_THREADS", 0)  # the workers' thread count, so MFU compares like with like
     proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); from common import matmul_peak_flops; "
                 f"torch.set_num_threads({threads} or torch.get_num_threads()); "
-                "print(max(matmul_peak_flops() for _ in range(3)))"], quiet=True)
-    check(proc, "matmul peak")
+                f"print(max(matmul_peak_flops(dtype='{dtype}') for _ in range(3)))"], quiet=True)
+    check(proc, f"{dtype} matmul peak")
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def read_bandwidth() -> float:
+    threads = env_int("BENCH_THREADS", 0)
+    proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); from common import read_bandwidth; "
+                f"torch.set_num_threads({threads} or torch.get_num_threads()); print(read_bandwidth())"], quiet=True)
+    check(proc, "memory bandwidth")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def bf16_support() -> tuple[bool, str]:
+    """(does the default device compute in bf16, why not): rlhf.backend's check, the one every stage uses."""
+    proc = run([MAIN_PY, "-c", "from rlhf.backend import bf16_supported, bf16_unsupported_reason, choose_device; "
+                "d = choose_device(); ok = bf16_supported(d); print(ok); print('' if ok else bf16_unsupported_reason(d))"],
+               quiet=True)
+    check(proc, "bf16 check")
+    lines = proc.stdout.strip().splitlines()
+    return lines[0] == "True", " ".join(lines[1:]).split(" but ", 1)[-1]  # "this CPU has no bfloat16 ..."
+
+
+def choose_precisions(requested: str) -> tuple[list[str], str]:
+    """The precisions to run and a line saying what was left out: ``auto`` = fp32, and bf16 where the hardware
+    computes in it."""
+    supported, reason = bf16_support()
+    if requested == "auto":
+        if supported:
+            return ["fp32", "bf16"], ""
+        return ["fp32"], f"bf16 not measured: {reason}"
+    chosen = requested.split(",")
+    if set(chosen) - {"fp32", "bf16"}:
+        raise SystemExit(f"bench: --precisions {requested!r}; use auto, fp32, bf16 or fp32,bf16")
+    if "bf16" in chosen and not supported:
+        raise SystemExit(f"bench: bf16 asked for but {reason}; use --precisions fp32")
+    return chosen, ""
 
 
 # ---------------------------------------------------------------- workloads
 
 
-def ppo_workload(size: str, paths: dict) -> dict:
+def ppo_workload(size: str, paths: dict, precision: str) -> dict:
     small = size == "tiny"
     return {
-        "size": size, **paths,
+        "size": size, **paths, "precision": precision,
         "batch_size": env_int("BENCH_BATCH", 8),
         "num_minibatches": env_int("BENCH_MINIBATCHES", 2),
         "ppo_epochs": env_int("BENCH_PPO_EPOCHS", 2),
@@ -235,12 +275,13 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
-    from common import ppo_step_flops
+def ppo_table(results: dict[str, dict], wl: dict, peak: float, bandwidth: float) -> str:
+    from common import generation_roofline, ppo_step_flops
 
     ours = results.get("ours", {})
     headers = ["framework", "step s", "generate", "score", "forward", "update", "other", "best step s", "resp len",
-               "resp tok/s", "peak RSS MiB", "update MFU 6N/4N", "step ours/this", "best ours/this", "mem ours/this"]
+               "resp tok/s", "gen roofline %", "decode MB/step", "peak RSS MiB", "update MFU 6N/4N", "step ours/this",
+               "best ours/this", "mem ours/this"]
     rows = []
     for fw, r in results.items():
         if "error" in r:
@@ -252,6 +293,9 @@ def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
         flops = ppo_step_flops(r["n_params"], r["n_rm_params"], wl["batch_size"], r["prompt_len_mean"], length,
                                wl["ppo_epochs"])
         update_mfu = flops["update"] / m["update_s"] / peak if m.get("update_s") else None
+        roof = generation_roofline(r["n_params"], r["model_shape"], wl["batch_size"], r["prompt_len_mean"], length,
+                                   2 if wl.get("precision") == "bf16" else 4, peak, bandwidth) if "model_shape" in r else None
+        gen_roof = roof["bound_s"] / m["generate_s"] if roof and m.get("generate_s") else None
         mem = r["memory"]["peak_rss_mib"]
         ratio = ours["median"]["step_s"] / m["step_s"] if "median" in ours else None
         best = min(st["step_s"] for st in r["steps"][wl["warmup"]:])
@@ -260,10 +304,13 @@ def ppo_table(results: dict[str, dict], wl: dict, peak: float) -> str:
         r["derived"] = {"response_tokens_per_s": tokens / m["step_s"], "update_mfu": update_mfu,
                         "step_mfu": sum(flops.values()) / m["step_s"] / peak, "nominal_flops": flops,
                         "step_ratio_ours_over_this": ratio, "mem_ratio_ours_over_this": mem_ratio,
-                        "best_step_s": best, "best_ratio_ours_over_this": best_ratio}
+                        "best_step_s": best, "best_ratio_ours_over_this": best_ratio,
+                        "generation_roofline": roof, "generation_roofline_fraction": gen_roof}
         rows.append([FRAMEWORK_LABEL[fw], fmt(m["step_s"]), fmt(m.get("generate_s")), fmt(m.get("score_s")),
                      fmt(m.get("forward_s")), fmt(m.get("update_s")), fmt(m.get("other_s")), fmt(best),
-                     fmt(length, ".1f"), fmt(tokens / m["step_s"], ".1f"), fmt(mem, ".0f"),
+                     fmt(length, ".1f"), fmt(tokens / m["step_s"], ".1f"),
+                     fmt(100 * gen_roof, ".0f") if gen_roof else "-",
+                     fmt(roof["decode_step_bytes"] / 1e6, ".0f") if roof else "-", fmt(mem, ".0f"),
                      f"{100 * update_mfu:.0f}/{100 * update_mfu * 4 / 6:.0f}%" if update_mfu else "-",
                      fmt(ratio), fmt(best_ratio), fmt(mem_ratio)])
     return table(headers, rows)
@@ -315,6 +362,8 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(env_list("BENCH_SIZES", "tiny,smol")))
     parser.add_argument("--tasks", default=",".join(env_list("BENCH_TASKS", ",".join(TASKS))))
     parser.add_argument("--frameworks", default=",".join(env_list("BENCH_FRAMEWORKS", "ours,trl112,trl0114")))
+    parser.add_argument("--precisions", default=os.environ.get("BENCH_PRECISIONS") or "auto",
+                        help="auto (fp32, plus bf16 where the hardware computes in it), fp32, bf16 or fp32,bf16")
     parser.add_argument("--report", action="store_true", help="only re-print the tables of bench/results/summary.json")
     parser.add_argument("--make-rm", nargs=2, metavar=("BASE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,23 +385,27 @@ def main() -> None:
         print(f"WARNING: load average {load:.1f} on {cores} cores: other processes compete, and torch's {cores} "
               "OpenMP threads then stall each other (steps 5-10x slower, very noisy). Run on a quiet machine or "
               "with BENCH_THREADS=1.", flush=True)
-    install = ensure_venvs(frameworks if "ppo" in tasks else [])
+    precisions, left_out = choose_precisions(args.precisions)
+    install = ensure_venvs(frameworks if "ppo" in tasks and "fp32" in precisions else [])
     models = ensure_models(sizes)
-    peak = matmul_peak()
-    summary = {"machine": machine(), "matmul_peak_gflops": peak / 1e9, "install_seconds": install,
+    peaks = {p: matmul_peak("bfloat16" if p == "bf16" else "float32") for p in precisions}
+    bandwidth = read_bandwidth()
+    summary = {"machine": machine(), "matmul_peak_gflops": {p: v / 1e9 for p, v in peaks.items()},
+               "read_bandwidth_gbs": bandwidth / 1e9, "precisions_left_out": left_out, "install_seconds": install,
                "torch": torch_version(), **{task: {} for task in TASKS}}
-    print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; venv install times: {install}\n", flush=True)
+    print("\n" + peak_line(summary) + f"; venv install times: {install}\n", flush=True)
     for size in sizes:
-        wl = ppo_workload(size, models[size])
-        wl_path = RESULTS / f"workload-{size}.json"
-        wl_path.write_text(json.dumps(wl, indent=2) + "\n")
-        for task in (t for t in TASKS if t in tasks):
-            results = {}
-            for name, cmd, out in task_runs(task, size, wl_path, frameworks):
-                label = FRAMEWORK_LABEL[name] if task in ("ppo", "grpo") else name
-                print(f"\n=== {task.upper()} {size}: {label}", flush=True)
-                results[name] = run_worker(cmd, out, timeout)
-            summary[task][size] = {"workload": wl, "results": results}
+        for precision in precisions:
+            wl = ppo_workload(size, models[size], precision)
+            wl_path = RESULTS / f"workload-{size}-{precision}.json"
+            wl_path.write_text(json.dumps(wl, indent=2) + "\n")
+            for task in (t for t in TASKS if t in tasks):
+                results = {}
+                for name, cmd, out in task_runs(task, size, precision, wl_path, frameworks):
+                    label = FRAMEWORK_LABEL[name] if task in ("ppo", "grpo") else name
+                    print(f"\n=== {task.upper()} {size} {precision}: {label}", flush=True)
+                    results[name] = run_worker(cmd, out, timeout)
+                summary[task][f"{size} {precision}"] = {"workload": wl, "results": results}
 
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     summary["machine"]["load_avg_end"] = os.getloadavg()
@@ -361,47 +414,64 @@ def main() -> None:
     print(f"\nbench wall time {summary['wall_s']:.0f} s; results in {RESULTS}/")
 
 
-def task_runs(task: str, size: str, wl_path: Path, frameworks: list[str]) -> list[tuple[str, list, Path]]:
-    """(result name, worker command without ``--out``, result file) of each run of ``task`` at ``size``.
-    ``frameworks`` picks the PPO implementations; the other tasks always run ours and TRL's."""
+def task_runs(task: str, size: str, precision: str, wl_path: Path, frameworks: list[str]) -> list[tuple[str, list, Path]]:
+    """(result name, worker command without ``--out``, result file) of each run of ``task`` at ``size`` and
+    ``precision``. ``frameworks`` picks the PPO implementations (bf16: ours only, the TRL 1.12 / 0.11 rows are the
+    fp32 comparison); the other tasks always run ours and TRL's."""
     workload = ["--workload", wl_path]
+    tag = f"{size}-{precision}"
     if task == "ppo":
-        return [(fw, [python_for(fw), BENCH / f"ppo_{fw}.py", *workload], RESULTS / f"ppo-{size}-{fw}.json")
-                for fw in frameworks]
+        chosen = frameworks if precision == "fp32" else [fw for fw in frameworks if fw == "ours"]
+        return [(fw, [python_for(fw), BENCH / f"ppo_{fw}.py", *workload], RESULTS / f"ppo-{tag}-{fw}.json")
+                for fw in chosen]
     if task == "grpo":
-        return [("ours", [MAIN_PY, BENCH / "ppo_ours.py", "--task", "grpo", *workload], RESULTS / f"grpo-{size}-ours.json"),
-                ("trl116", [MAIN_PY, BENCH / "grpo_trl116.py", *workload], RESULTS / f"grpo-{size}-trl116.json")]
+        return [("ours", [MAIN_PY, BENCH / "ppo_ours.py", "--task", "grpo", *workload], RESULTS / f"grpo-{tag}-ours.json"),
+                ("trl116", [MAIN_PY, BENCH / "grpo_trl116.py", *workload], RESULTS / f"grpo-{tag}-trl116.json")]
     packings = ("off", "on") if task == "sft" else ("off",)
     return [(impl + (f" packing={packing}" if task == "sft" else ""),
              [MAIN_PY, BENCH / "sft_rm.py", "--task", task, "--impl", impl, "--packing", packing, *workload],
-             RESULTS / f"{task}-{size}-{impl}-packing-{packing}.json")
+             RESULTS / f"{task}-{tag}-{impl}-packing-{packing}.json")
             for packing in packings for impl in ("ours", "trl")]
+
+
+def peak_line(summary: dict) -> str:
+    peaks = ", ".join(f"{p} {v:.1f}" for p, v in summary["matmul_peak_gflops"].items())
+    line = f"matmul peak (GFLOP/s): {peaks}; memory read bandwidth {summary['read_bandwidth_gbs']:.1f} GB/s"
+    return line + (f"; {summary['precisions_left_out']}" if summary.get("precisions_left_out") else "")
 
 
 def render(summary: dict) -> str:
     """All tables from a summary (also ``--report``: re-print bench/results/summary.json)."""
-    peak = summary["matmul_peak_gflops"] * 1e9
+    peaks = summary["matmul_peak_gflops"]
+    if not isinstance(peaks, dict):  # a summary from before the bench measured bf16
+        peaks = summary["matmul_peak_gflops"] = {"fp32": peaks}
+    bandwidth = summary.get("read_bandwidth_gbs", float("nan")) * 1e9
     m = summary["machine"]
     out = ["=" * 100,
-           f"machine: {m.get('cpu', '')}, {m.get('cores')} cores; torch {summary.get('torch', '')}; fp32 matmul peak "
-           f"{summary['matmul_peak_gflops']:.1f} GFLOP/s; load avg start {m['load_avg'][0]:.1f}, end "
-           f"{m.get('load_avg_end', [float('nan')])[0]:.1f}; venv installs (s): {summary.get('install_seconds')}",
+           f"machine: {m.get('cpu', '')}, {m.get('cores')} cores; torch {summary.get('torch', '')}; load avg start "
+           f"{m['load_avg'][0]:.1f}, end {m.get('load_avg_end', [float('nan')])[0]:.1f}; venv installs (s): "
+           f"{summary.get('install_seconds')}",
+           peak_line({**summary, "read_bandwidth_gbs": bandwidth / 1e9}),
            "ratios < 1 mean ours is faster / smaller; 'other' = decode, batching, advantages, stats; "
            "best = fastest measured step",
-           "MFU = achieved / measured matmul peak; 6N = 6 x params x tokens (the convention); 4N = what LoRA training "
-           "really computes (forward + input gradients; frozen weights get no weight gradients)", ""]
+           "MFU = achieved / the measured matmul peak of the row's precision; 6N = 6 x params x tokens (the convention); "
+           "4N = what LoRA training really computes (forward + input gradients; frozen weights get no weight gradients)",
+           "gen roofline = the fastest generate could be (prefill FLOPs / peak, then per decode step the longer of "
+           "FLOPs / peak and weight + KV-cache bytes / read bandwidth) / the measured generate time", ""]
     for task in ("ppo", "grpo"):
         for size, entry in summary.get(task, {}).items():
             wl = entry["workload"]
+            peak = peaks[wl.get("precision", "fp32")] * 1e9
             batch = f"batch {wl['batch_size']}" + (
                 f" = {wl['batch_size'] // wl['num_generations']} prompts x {wl['num_generations']} responses, "
                 f"KL loss beta {wl['grpo_beta']}, reward = demo rule" if task == "grpo" else "")
             out.append(f"{task.upper()}, {size} ({batch}, {wl['new_tokens']} new tokens, {wl['ppo_epochs']} epochs x "
                        f"{wl['num_minibatches']} minibatches, median of {wl['steps']} steps after {wl['warmup']} warm-up; "
-                       f"seconds per {task.upper()} step)\n" + ppo_table(entry["results"], wl, peak) + "\n")
+                       f"seconds per {task.upper()} step)\n" + ppo_table(entry["results"], wl, peak, bandwidth) + "\n")
     for task, unit in TRAIN_TASKS.items():
         for size, entry in summary.get(task, {}).items():
             wl = entry["workload"]
+            peak = peaks[wl.get("precision", "fp32")] * 1e9
             for r in entry["results"].values():
                 r.setdefault("warmup", wl["sft_warmup"])
             beta = f", beta {wl['dpo_beta']}" if task == "dpo" else ""

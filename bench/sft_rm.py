@@ -22,8 +22,9 @@ Data: the demo preference data (variable length), prompts in the plain template,
   ``fused_lm_head`` path, ours from the full logits (``rlhf.dpo.answer_logps``).
 
 Equal settings: the same base model and LoRA (SFT and DPO r8/alpha16/dropout .05, RM r8/alpha32/dropout .1
-on q/k/v/o, score head trained in full), batch size (pairs for RM and DPO), max length, learning rate, fp32,
-no gradient checkpointing, no evaluation, logging or saving during the run. A step's time is the time between
+on q/k/v/o, score head trained in full), batch size (pairs for RM and DPO), max length, learning rate, the
+workload's precision (fp32, or bf16 autocast on fp32 weights as our scripts' --bf16), no gradient checkpointing,
+no evaluation, logging or saving during the run. A step's time is the time between
 two ``on_step_end`` callbacks (data loading included); tokens are counted by a forward pre-hook on the
 model when gradients are on (real tokens = attention-mask sum, or all tokens for padding-free/packed rows;
 DPO's reference forward is not counted). ``active_dropout`` in the result counts the dropout modules with
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    LORA_TARGETS, PLAIN_TEMPLATE, PeakMemory, count_params, demo_rows, load_workload, log, summarize_steps,
+    LORA_TARGETS, PLAIN_TEMPLATE, PeakMemory, count_params, demo_rows, is_bf16, load_workload, log, summarize_steps,
     write_result,
 )
 
@@ -72,7 +73,7 @@ def main() -> None:
     tokenizer = load_tokenizer(wl["model_dir"])
     common_args = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-sft-rm-"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=1e-4, bf16=False, fp16=False,
+        gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=1e-4, bf16=is_bf16(wl), fp16=False,
         gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
         logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
@@ -95,7 +96,7 @@ def main() -> None:
             ft = FinetuneArguments(max_seq_length=length, max_source_length=length * 3 // 4,
                                    dataset_concatenation=args.packing == "on")
             text = Dataset.from_list([{"prompt": p, "chosen": r["chosen"]} for p, r in zip(prompts, rows)])
-            train_set = tokenize_split(text, tokenizer, ft, "plain", None)
+            train_set = tokenize_split(text, tokenizer, ft, None)
             collator = PackedCollator(tokenizer.pad_token_id) if args.packing == "on" else \
                 DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
             model = get_peft_model(model, lora)
@@ -192,6 +193,7 @@ def main() -> None:
         log(f"{args.task} {args.impl} packing={args.packing} step {i}: {s['step_s']:.2f} s, {s['tokens']} tokens")
     write_result(args.out, {
         "framework": args.impl, "task": args.task, "packing": args.packing, "size": wl["size"],
+        "precision": wl.get("precision", "fp32"),
         "n_params": n_params, "trainable_params": trainable, "units_per_step": units_per_step,
         "active_dropout": sum(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules()),
         "steps": steps, "median": summarize_steps(steps, wl["sft_warmup"]), "memory": memory.report(),
