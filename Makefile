@@ -29,8 +29,11 @@ setup: $(VENV)/.installed
 
 setup-deepspeed: $(VENV)/.installed-deepspeed
 
+# Test files run in parallel, one worker per core up to 4 (tests/conftest.py splits the threads between them);
+# a file's tests stay on one worker, so its module fixtures are built once. PYTEST_ARGS="-n 0" runs them serially.
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
 test: setup setup-deepspeed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
 	./run_pipeline.sh

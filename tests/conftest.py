@@ -14,6 +14,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config) -> None:
+    """Split the cores between pytest-xdist's workers (``make test`` runs ``-n auto``).
+
+    Without this every worker, and every subprocess a test starts, would use all the cores: on 2 cores two
+    workers of 2 threads each run slower than one. Tests that compare two runs do both in one process,
+    so the thread count they see is the same for both."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random-init Llama causal LM + BPE tokenizer (seed 0), built once per test session."""

@@ -16,7 +16,6 @@ import torch
 
 from rlhf.ppo import PolicyWithValueHead, PPOConfig, PPOTrainer
 
-torch.set_num_threads(2)
 BATCH, PROMPT, MAX_NEW = 4, 5, 6
 
 

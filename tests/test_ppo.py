@@ -21,7 +21,6 @@ from rlhf.ppo import (
 )
 from rlhf.sequences import entropy_from_logits, logprobs_from_logits, masked_mean, truncate_after_eos
 
-torch.set_num_threads(2)
 
 
 def assert_close(tensor, expected, atol=1e-6):

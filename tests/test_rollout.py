@@ -10,7 +10,6 @@ import torch
 from rlhf.rollout import ROLLOUT_ENGINES, check_engine_available, ignored_sampling_settings
 from tests.test_ppo import chat_prompts, fresh_accelerator_state, make_trainer, prompt_ids, tiny_dir, tokenizer  # noqa: F401
 
-torch.set_num_threads(2)
 
 
 def test_registry_and_refusals():
