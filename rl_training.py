@@ -451,13 +451,13 @@ def main() -> None:
         check_reward_model_config(check_model_path(args.reward_model_name, "--reward_model_name"),
                                   args.trust_remote_code)
     policy = build_policy(args, config, backend, resume_dir)
-    backend.wrap_for_generation(policy.model)
     output_dir = Path(args.output_dir)
     accelerator = backend.make_accelerator(log_with=args.log_with, project_dir=str(output_dir),
                                            deepspeed_plugin=deepspeed_plugin)
     reward_fn = build_reward(args, config, backend, accelerator)
     trainer = PPOTrainer(config, policy, tokenizer, reward_fn, accelerator, mark_step=backend.mark_step(),
-                         rollout_engine=build_rollout_engine(args, config, policy, tokenizer, backend))
+                         rollout_engine=build_rollout_engine(args, config, policy, tokenizer, backend),
+                         wrap_for_generation=backend.wrap_for_generation)
     if deepspeed_plugin is not None and trainer.engine is None:
         raise UserError("DeepSpeed was asked for but the accelerator did not start its engine (this run would train "
                         "without it); launch with torchrun, deepspeed or accelerate launch --use_deepspeed")

@@ -594,6 +594,8 @@ class PPOTrainer:
             and early-stop decisions over processes.
         optimizer: defaults to Adam (or Adafactor with ``config.adafactor``) on the trainable parameters.
         mark_step: called after each backward and optimizer step (HPU lazy mode); default no-op.
+        wrap_for_generation: the backend's HPU-graph wrapper for the default ``hf`` engine's ``generate``
+            (``Backend.wrap_for_generation``); None: none.
         rollout_engine: what samples (``rlhf.rollout``); default the ``hf`` engine on the policy itself.
             The trainer pushes the policy's weights to it after every step.
     """
@@ -608,6 +610,7 @@ class PPOTrainer:
         optimizer: Optional[torch.optim.Optimizer] = None,
         mark_step: Optional[Callable[[], None]] = None,
         rollout_engine: Optional[RolloutEngine] = None,
+        wrap_for_generation: Optional[Callable] = None,
     ):
         self.config = config
         self.policy = policy
@@ -646,7 +649,7 @@ class PPOTrainer:
         self.rollout_engine = rollout_engine or HFEngine(
             policy.model, self.eos_token_id, self.pad_token_id, self.device, deepspeed_engine=self.engine,
             static_prompt_width=self._static_prompt_width, pad_to_multiple_of=config.pad_to_multiple_of,
-            mark_step=self.mark_step)
+            mark_step=self.mark_step, wrap_for_generation=wrap_for_generation)
         if not self.rollout_engine.samples_from_policy:
             self.rollout_engine.push_weights(policy.model)  # a resumed adapter (or LoRA's init), before sampling
         # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without

@@ -221,14 +221,16 @@ class HFEngine(RolloutEngine):
         static_prompt_width: HPU graphs: every prompt batch padded to this width (a longer prompt is refused).
         pad_to_multiple_of: round prompt widths up to a multiple of this (fewer shapes to capture).
         mark_step: HPU lazy-mode graph cut after each call (a no-op elsewhere).
+        wrap_for_generation: ``Backend.wrap_for_generation`` (Gaudi: ``generate``'s forward passes run through
+            HPU graphs, training forwards stay plain), applied once here; None: ``generate`` as it is.
     """
 
     samples_from_policy = True
 
     def __init__(self, model, eos_token_id: int, pad_token_id: int, device, deepspeed_engine=None,
                  static_prompt_width: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
-                 mark_step: Optional[Callable[[], None]] = None):
-        self.model = model
+                 mark_step: Optional[Callable[[], None]] = None, wrap_for_generation: Optional[Callable] = None):
+        self.model = wrap_for_generation(model) if wrap_for_generation is not None else model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.device = device

@@ -273,7 +273,7 @@ def prompt_ids(tokenizer, texts):
 
 
 def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, lora_dropout=0.05, ref_model=None, mark_step=None,
-                 dtype=torch.float32, **cfg):
+                 dtype=torch.float32, wrap_for_generation=None, **cfg):
     from accelerate import Accelerator
 
     config = PPOConfig(**{"batch_size": 8, "mini_batch_size": 4, "gradient_accumulation_steps": 1,
@@ -281,7 +281,7 @@ def make_trainer(tiny_dir, tokenizer, reward=None, lora=True, lora_dropout=0.05,
     policy = make_policy(tiny_dir, lora=lora, lora_dropout=lora_dropout, critic=config.has_critic, dtype=dtype)
     policy.ref_model = ref_model
     return PPOTrainer(config, policy, tokenizer, reward or even_token_fraction(tokenizer), Accelerator(cpu=True),
-                      mark_step=mark_step)
+                      mark_step=mark_step, wrap_for_generation=wrap_for_generation)
 
 
 def rollout_step(trainer, texts):

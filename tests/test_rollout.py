@@ -76,6 +76,16 @@ def test_engine_logprobs_equal_generates_processed_scores(tiny_dir, tokenizer):
         torch.testing.assert_close(logprobs, oracle[row, : len(response)], atol=1e-6, rtol=0)
 
 
+def test_hf_engine_applies_the_backends_generation_wrapper_once(tiny_dir, tokenizer):
+    # Gaudi's HPU-graph wrapping sits behind the engine: the trainer only hands the backend's wrapper over.
+    wrapped = []
+    trainer = make_trainer(tiny_dir, tokenizer, wrap_for_generation=lambda model: wrapped.append(model) or model)
+    assert wrapped == [trainer.policy.model]
+    assert trainer.rollout_engine.model is trainer.policy.model
+    trainer.rollout(prompt_ids(tokenizer, chat_prompts(tokenizer, 2)))
+    assert len(wrapped) == 1
+
+
 def test_vllm_without_vllm_installed_is_one_line_before_any_model_loads(tmp_path):
     import importlib.util
     import subprocess
