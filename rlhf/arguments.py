@@ -188,8 +188,16 @@ def without_fields(cls: type, names: set[str]) -> type:
     return dataclasses.make_dataclass(cls.__name__, kept)
 
 
+class StageArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose parse errors (an invalid choice, a value of the wrong type, a flag without its
+    value) are one line and exit 2, like every other mistake, instead of the whole usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see --help for the flags and their values")
+
+
 def parse_backend(argv: list[str]) -> BackendArguments:
-    parser = HfArgumentParser(BackendArguments, add_help=False)
+    parser = StageArgumentParser(BackendArguments, add_help=False)
     (backend_args,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)[:1]
     return backend_args
 
@@ -266,7 +274,7 @@ def parse_stage_args(arg_types: tuple[type, ...], with_training_args: bool, argv
         field_aliases = [a for t in parse_types for f in dataclasses.fields(t) for a in f.metadata.get("aliases", [])]
         aliases = {flag.lstrip("-") for flag in (*LEGACY_RENAMES, *TOKEN_FLAGS, *field_aliases)}
         check_config_keys(file, config, known | aliases)
-    *parsed, unknown = HfArgumentParser(parse_types).parse_args_into_dataclasses(
+    *parsed, unknown = StageArgumentParser(parse_types).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
     if unknown:

@@ -259,3 +259,17 @@ def test_parsing_takes_the_token_out_of_sys_argv(flag, tmp_path, monkeypatch):
     assert sys.argv == ["finetune_clm.py", "--output_dir", str(tmp_path), "--do_train"]
     assert os.environ["HF_TOKEN"] == SECRET
     assert training_args.hub_token is None  # so training_args.bin cannot hold it
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--loss_type", "foo"], "invalid choice: 'foo' (choose from 'dapo'"),
+    (["--batch_size", "eight"], "invalid int value: 'eight'"),
+    (["--device", "tpu"], "--device"),
+])
+def test_a_flag_value_argparse_refuses_is_one_line(argv, fragment, capsys):
+    from rlhf.ppo import PPOConfig
+
+    with pytest.raises(UserError, match="see --help") as raised:
+        parse_stage_args((PPOConfig,), False, [*argv, "--device", "cpu"] if argv[0] != "--device" else argv)
+    assert fragment in str(raised.value) and "\n" not in str(raised.value)
+    assert "usage:" not in capsys.readouterr().err
