@@ -20,10 +20,12 @@ def pytest_configure(config) -> None:
     Without this every worker, and every subprocess a test starts, would use all the cores: on 2 cores two
     workers of 2 threads each run slower than one. Tests that compare two runs do both in one process,
     so the thread count they see is the same for both."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return  # one process (PYTEST_ARGS="-n 0", make test-habana, make test-vllm): torch's defaults
     import torch
 
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
