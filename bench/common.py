@@ -209,40 +209,35 @@ class PeakMemory:
 # ---------------------------------------------------------------- FLOPs
 
 
+def _best_seconds(run, repeats: int, warmup: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones (GPU work synchronised)."""
+    cuda = torch.cuda.is_available()
+    best = float("inf")
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
     """Best observed ``torch.matmul`` FLOP/s of an n x n product in ``dtype`` on this machine (or GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    best = float("inf")
-    for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_seconds(lambda: torch.matmul(a, b), repeats, warmup=2)
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 6) -> float:
     """Best observed bytes/s of reading a ``mib`` MiB tensor once (``sum``): what a decode step's weight and KV-cache
     reads are bound by (far larger than the caches, so it measures memory, not cache)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.ones(mib * 2**20 // 4, device=device)
-    best = float("inf")
-    for i in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        x.sum()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 1:
-            best = min(best, time.perf_counter() - start)
-    return x.numel() * 4 / best
+    x = torch.ones(mib * 2**20 // 4, device="cuda" if torch.cuda.is_available() else "cpu")
+    return x.numel() * 4 / _best_seconds(x.sum, repeats, warmup=1)
 
 
 def model_shape(model) -> dict:

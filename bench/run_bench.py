@@ -173,21 +173,22 @@ def torch_version() -> str:
     return proc.stdout.strip()
 
 
-def matmul_peak(dtype: str = "float32") -> float:
-    threads = env_int("BENCH_THREADS", 0)  # the workers' thread count, so MFU compares like with like
-    proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); from common import matmul_peak_flops; "
-                f"torch.set_num_threads({threads} or torch.get_num_threads()); "
-                f"print(max(matmul_peak_flops(dtype='{dtype}') for _ in range(3)))"], quiet=True)
-    check(proc, f"{dtype} matmul peak")
+def measure_in_worker(expression: str, what: str) -> float:
+    """``expression`` (over bench/common.py as ``common``) in a fresh main-venv process with the workers' thread count, so
+    MFU and the roofline compare like with like."""
+    threads = env_int("BENCH_THREADS", 0)
+    proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); import common; "
+                f"torch.set_num_threads({threads} or torch.get_num_threads()); print({expression})"], quiet=True)
+    check(proc, what)
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak(dtype: str = "float32") -> float:
+    return measure_in_worker(f"max(common.matmul_peak_flops(dtype='{dtype}') for _ in range(3))", f"{dtype} matmul peak")
 
 
 def read_bandwidth() -> float:
-    threads = env_int("BENCH_THREADS", 0)
-    proc = run([MAIN_PY, "-c", "import sys, torch; sys.path.insert(0, 'bench'); from common import read_bandwidth; "
-                f"torch.set_num_threads({threads} or torch.get_num_threads()); print(read_bandwidth())"], quiet=True)
-    check(proc, "memory bandwidth")
-    return float(proc.stdout.strip().splitlines()[-1])
+    return measure_in_worker("common.read_bandwidth()", "memory bandwidth")
 
 
 def bf16_support() -> tuple[bool, str]:
@@ -276,7 +277,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def ppo_table(results: dict[str, dict], wl: dict, peak: float, bandwidth: float) -> str:
-    from common import generation_roofline, ppo_step_flops
+    from common import generation_roofline, is_bf16, ppo_step_flops
 
     ours = results.get("ours", {})
     headers = ["framework", "step s", "generate", "score", "forward", "update", "other", "best step s", "resp len",
@@ -294,7 +295,7 @@ def ppo_table(results: dict[str, dict], wl: dict, peak: float, bandwidth: float)
                                wl["ppo_epochs"])
         update_mfu = flops["update"] / m["update_s"] / peak if m.get("update_s") else None
         roof = generation_roofline(r["n_params"], r["model_shape"], wl["batch_size"], r["prompt_len_mean"], length,
-                                   2 if wl.get("precision") == "bf16" else 4, peak, bandwidth) if "model_shape" in r else None
+                                   2 if is_bf16(wl) else 4, peak, bandwidth) if "model_shape" in r else None
         gen_roof = roof["bound_s"] / m["generate_s"] if roof and m.get("generate_s") else None
         mem = r["memory"]["peak_rss_mib"]
         ratio = ours["median"]["step_s"] / m["step_s"] if "median" in ours else None
