@@ -268,6 +268,26 @@ def merge_lora(model):
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
+def _contiguous_first_input(module, args):
+    return (args[0].contiguous(), *args[1:]) if args else args
+
+
+def fold_lm_head_input(model) -> None:
+    """Hand ``model``'s LM head a contiguous input (a forward pre-hook; once per head).
+
+    ``logits_to_keep`` gives the head a slice ``hidden[:, -k:]``, which is not contiguous. For such a 3-D
+    input and a weight that does not require grad (a LoRA or frozen base's head, a reference model's),
+    torch's matmul does not fold the batch into one mm: it runs a bmm on the weight expanded per batch row,
+    which on CPU in bf16 first copies the whole weight once per row (49152 x 576 for SmolLM2: 40% of a
+    forward of 4 x 96 tokens, ``bench/bf16_frozen_weights.py``). A trainable head folds anyway, which hid it.
+    Copying the slice instead costs k x hidden per row."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_rlhf_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(_contiguous_first_input)
+    head._rlhf_contiguous_input = True
+
+
 def position_ids_from_mask(attention_mask):
     """0, 1, 2, ... over the real tokens whatever the padding side (pads get 0), as ``generate`` counts."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

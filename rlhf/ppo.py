@@ -60,10 +60,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from rlhf.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS, AdvantageInputs
 from rlhf.errors import UserError
-from rlhf.modeling import merge_lora, position_ids_from_mask
+from rlhf.modeling import fold_lm_head_input, merge_lora, position_ids_from_mask
 from rlhf.policy_loss import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
@@ -190,6 +191,7 @@ class PolicyWithValueHead(nn.Module):
         self.model = model
         self.value_head = value_head  # None: no critic (GRPO, RLOO)
         self.ref_model = ref_model
+        fold_lm_head_input(model)
 
     @property
     def ref_model(self) -> Optional[nn.Module]:
@@ -200,6 +202,7 @@ class PolicyWithValueHead(nn.Module):
             if value is not None:
                 value.eval()
                 value.requires_grad_(False)
+                fold_lm_head_input(value)
             object.__setattr__(self, "_ref_holder", [value])
         else:
             super().__setattr__(name, value)
@@ -650,6 +653,8 @@ class PPOTrainer:
             policy.model, self.eos_token_id, self.pad_token_id, self.device, deepspeed_engine=self.engine,
             static_prompt_width=self._static_prompt_width, pad_to_multiple_of=config.pad_to_multiple_of,
             mark_step=self.mark_step, wrap_for_generation=wrap_for_generation)
+        if rollout_engine is not None and self.engine is not None:
+            rollout_engine.deepspeed_engine = self.engine  # built before prepare: under ZeRO-3 it gathers through it
         if not self.rollout_engine.samples_from_policy:
             self.rollout_engine.push_weights(policy.model)  # a resumed adapter (or LoRA's init), before sampling
         # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without
@@ -1048,15 +1053,18 @@ class PPOTrainer:
 
         Returns ``(metrics, samples)``. Metrics, the reward model's raw score first: ``eval/raw_scores``,
         ``eval/eos_penalty``, ``eval/scores`` (what PPO optimises), ``eval/kl`` (mean per-response KL
-        to the reference), ``eval/response_length``. Samples: this process's ``{"prompt",
-        "response", "raw_score", "score", "kl"}`` dicts. ``columns``: the prompts' other dataset columns,
+        to the reference), ``eval/response_length``, ``eval/finished`` (the fraction that ended with EOS
+        rather than at ``--output_max_length``). Samples: this process's ``{"prompt", "response",
+        "raw_score", "score", "kl", "length", "finished"}`` dicts. ``columns``: the prompts' other dataset columns,
         passed to the reward function as ``columns=`` (sliced per batch).
         """
         size = batch_size or self.config.batch_size
         totals = dict.fromkeys(("eval/raw_scores", "eval/eos_penalty", "eval/scores", "eval/kl",
-                                "eval/response_length"), 0.0)
+                                "eval/response_length", "eval/finished"), 0.0)
         samples: list[dict] = []
-        for i in range(0, len(prompt_ids), size):
+        batches = tqdm(range(0, len(prompt_ids), size), desc="held-out eval", unit="batch", leave=False,
+                       disable=not self.accelerator.is_main_process)
+        for i in batches:
             chunk = [p.to(self.device) for p in prompt_ids[i : i + size]]
             texts = prompt_texts[i : i + size]
             responses = self.generate(chunk)
@@ -1066,15 +1074,19 @@ class PPOTrainer:
             rollout = self.rollout_forward(batch)
             mask = batch["response_mask"].float()
             kl = ((rollout["logprobs"] - rollout["ref_logprobs"]) * mask).sum(1)
+            finished = self.ended_with_eos(responses)
             totals["eval/raw_scores"] += scores.raw.sum().item()
             totals["eval/eos_penalty"] += scores.eos_penalty.sum().item()
             totals["eval/scores"] += scores.shaped.sum().item()
             totals["eval/kl"] += kl.sum().item()
             totals["eval/response_length"] += mask.sum().item()
+            totals["eval/finished"] += finished.sum().item()
             samples += [
-                {"prompt": p, "response": r, "raw_score": float(raw), "score": float(sc), "kl": float(k)}
-                for p, r, raw, sc, k in zip(texts, self.decode_responses(responses), scores.raw.tolist(),
-                                            scores.shaped.tolist(), kl.tolist())
+                {"prompt": p, "response": r, "raw_score": float(raw), "score": float(sc), "kl": float(k),
+                 "length": int(n), "finished": bool(f)}
+                for p, r, raw, sc, k, n, f in zip(texts, self.decode_responses(responses), scores.raw.tolist(),
+                                                  scores.shaped.tolist(), kl.tolist(), mask.sum(1).tolist(),
+                                                  finished.tolist())
             ]
         metrics = self._reduce({k: v / max(len(prompt_ids), 1) for k, v in totals.items()})
         return metrics, samples

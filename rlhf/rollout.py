@@ -30,6 +30,7 @@ import torch
 
 from rlhf.backend import innermost_model
 from rlhf.errors import UserError
+from rlhf.modeling import fold_lm_head_input
 from rlhf.sequences import pad_sequences, padded_width, truncate_after_eos
 
 logger = logging.getLogger("rlhf")
@@ -102,6 +103,9 @@ class RolloutEngine:
     name = "base"
     #: True when the engine samples from the trained module itself (nothing to push)
     samples_from_policy = True
+    #: the DeepSpeed engine training the policy (ZeRO-3: gathered through it), or None; an engine built
+    #: before the trainer gets it from ``PPOTrainer`` once the policy is prepared
+    deepspeed_engine = None
 
     def generate(self, prompts: Sequence[torch.Tensor], sampling: SamplingParams,
                  batch_size: Optional[int] = None) -> Rollout:
@@ -230,6 +234,7 @@ class HFEngine(RolloutEngine):
     def __init__(self, model, eos_token_id: int, pad_token_id: int, device, deepspeed_engine=None,
                  static_prompt_width: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                  mark_step: Optional[Callable[[], None]] = None, wrap_for_generation: Optional[Callable] = None):
+        fold_lm_head_input(model)  # the prefill's head sees hidden[:, -1:] (rlhf.modeling: a bf16 slow path)
         self.model = wrap_for_generation(model) if wrap_for_generation is not None else model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id

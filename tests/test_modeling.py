@@ -15,6 +15,7 @@ from rlhf.modeling import (
     LoraArguments,
     ModelArguments,
     check_model_path,
+    fold_lm_head_input,
     load_causal_lm,
     load_model_tokenizer,
     load_pretrained,
@@ -234,3 +235,45 @@ def test_hub_id_offline_is_one_line_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^--model_name_or_path no-such-org/no-such-model: the model cannot be loaded"):
         load_pretrained(AutoModelForCausalLM, "no-such-org/no-such-model", "--model_name_or_path")
+
+
+def aten_ops(function) -> list[str]:
+    """Names of the aten ops ``function()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        function()
+    return record.names
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_frozen_lm_head_on_kept_positions_runs_one_mm_not_a_bmm_on_copied_weights(tiny_model_dir, grad):
+    """A frozen head fed ``hidden[:, -k:]`` (logits_to_keep) made torch's matmul expand and copy its weight per
+    batch row for a bmm (slow in bf16 on CPU); with the hook it folds into one mm, with the same logits, in
+    inference and in a training forward (LoRA: input requires grad, head frozen)."""
+    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16).requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(grad)
+
+    def forward():
+        with torch.set_grad_enabled(grad):
+            return model(inputs_embeds=embeds, logits_to_keep=5).logits
+
+    before = forward()
+    assert "bmm" in aten_ops(forward)  # the slow path this guards against: if torch folds by itself, drop the hook
+    fold_lm_head_input(model)
+    fold_lm_head_input(model)  # once per head
+    assert "bmm" not in aten_ops(forward)
+    torch.testing.assert_close(forward(), before)
+    if grad:
+        forward().float().sum().backward()
+        assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
