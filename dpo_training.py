@@ -310,10 +310,12 @@ def heldout_scorer(dpo_args: DPOArguments, trust_remote_code: bool, device) -> R
 
 def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_reference: bool, label: str,
                  scorer: RewardScorer | None = None) -> dict:
-    """Sampled responses to held-out prompts, their mean length, KL to the reference and (with a scorer)
-    the reward model's raw score."""
+    """Sampled responses to held-out prompts, their mean length, the fraction ending with EOS (not cut at
+    ``--heldout_max_new_tokens``), KL to the reference and (with a scorer) the reward model's raw score."""
     responses = sample_responses(model, tokenizer, prompts, **sampling)
-    metrics = {"eval/response_length": sum(len(r) for r in responses) / max(len(responses), 1)}
+    finished = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+    metrics = {"eval/response_length": sum(len(r) for r in responses) / max(len(responses), 1),
+               "eval/finished": sum(finished) / max(len(finished), 1)}
     if has_reference:
         metrics["eval/kl"] = heldout_kl(model, ref_model, tokenizer, prompts, responses, sampling["max_prompt_length"],
                                         sampling["batch_size"], sampling["device"])
@@ -323,7 +325,8 @@ def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_refer
         raw_scores = scorer(prompts, texts).tolist()
         metrics["eval/raw_scores"] = sum(raw_scores) / max(len(raw_scores), 1)
     logger.info("Held-out %s (%d prompts): %s", label, len(prompts), metrics)
-    return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores}
+    return {"metrics": metrics, "responses": texts, "raw_scores": raw_scores,
+            "lengths": [len(r) for r in responses], "finished": finished}
 
 
 def precision_name(training_args) -> str:
@@ -333,14 +336,17 @@ def precision_name(training_args) -> str:
 def write_summary(output_dir: Path, steps: int, device: str, prompts, before: dict, after: dict, plot,
                   wall_time_s: float, precision: str) -> None:
     """``eval_samples.jsonl`` and ``summary.json`` in the shape ``rlhf.report`` reads (as PPO's)."""
-    samples = [{"prompt": p, "response_before": b, "response_after": a}
-               for p, b, a in zip(prompts, before["responses"], after["responses"])]
+    samples = [{"prompt": p, "response_before": b, "response_after": a, "length_before": lb, "length_after": la,
+                "finished_before": fb, "finished_after": fa}
+               for p, b, a, lb, la, fb, fa in zip(prompts, before["responses"], after["responses"], before["lengths"],
+                                                  after["lengths"], before["finished"], after["finished"])]
     for sample, first, last in zip(samples, before["raw_scores"], after["raw_scores"]):
         sample.update(rm_score_before=first, rm_score_after=last)
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     summary = {
-        **({"result": heldout_result(before["metrics"], after["metrics"], "reward-model")} if after["raw_scores"] else {}),
+        **({"result": heldout_result(before["metrics"], after["metrics"], "reward-model",
+                                   extra={"finished": "eval/finished"})} if after["raw_scores"] else {}),
         "algorithm": "dpo", "steps": steps, "backend": device, "precision": precision,
         "wall_time_s": round(wall_time_s, 1),  # this invocation's (a resumed run: since resuming)
         "eval_before": before["metrics"], "eval_after": after["metrics"], "samples": samples[:4],

@@ -78,7 +78,7 @@ logger = logging.getLogger("rlhf")
 
 CURVE_KEYS = [
     "objective/raw_scores", "objective/eos_penalty", "objective/scores", "objective/kl", "objective/kl_coef", "objective/entropy", "loss/policy", "loss/value",
-    "policy/approxkl", "policy/clipfrac", "response/length",
+    "policy/approxkl", "policy/clipfrac", "response/length", "response/ended_with_eos",
 ]
 WATCHED = ("objective/scores", "objective/kl", "loss/policy", "loss/value")
 RUN_STATE = "run_state.json"
@@ -351,7 +351,8 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Ten
     logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start,
                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return {"metrics": metrics, "responses": [s["response"] for s in samples],
-            "raw_scores": [s["raw_score"] for s in samples], "scores": [s["score"] for s in samples]}
+            "raw_scores": [s["raw_score"] for s in samples], "scores": [s["score"] for s in samples],
+            "lengths": [s["length"] for s in samples], "finished": [s["finished"] for s in samples]}
 
 
 def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int) -> float:
@@ -363,7 +364,8 @@ def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Te
     torch.manual_seed(trainer.config.seed + 4321)
     per_batch = max(trainer.config.batch_size // n, 1)  # whole groups of n in each generate call
     best = []
-    for i in range(0, len(prompts), per_batch):
+    for i in tqdm(range(0, len(prompts), per_batch), desc=f"best-of-{n}", unit="batch", leave=False,
+                  disable=not trainer.accelerator.is_main_process):
         texts = [p for p in prompts[i : i + per_batch] for _ in range(n)]
         ids = [t.to(trainer.device) for t in prompt_ids[i : i + per_batch] for _ in range(n)]
         group_columns = {name: [v for v in values[i : i + per_batch] for _ in range(n)] for name, values in columns.items()}
@@ -376,17 +378,22 @@ def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Te
     return score
 
 
-def warn_if_eos_penalty_dominates(before: dict, config: PPOConfig) -> None:
-    """One line when most starting responses hit the length limit: the EOS penalty would drive learning."""
-    penalty = config.missing_eos_penalty
-    if not penalty or "eval/eos_penalty" not in before.get("metrics", {}):
+def warn_if_most_answers_are_cut(before: dict, config: PPOConfig) -> None:
+    """One line when most starting responses hit the length limit: the reward model then scores unfinished
+    answers, and an EOS penalty would drive learning more than the reward."""
+    if "eval/finished" not in before.get("metrics", {}):
         return
-    unfinished = before["metrics"]["eval/eos_penalty"] / penalty
-    if unfinished > 0.5:
-        logger.warning(
-            "%.0f%% of the starting policy's held-out responses reach --output_max_length %d without EOS: "
-            "--missing_eos_penalty %g will drive learning more than the reward; raise --output_max_length "
-            "or drop the penalty", 100 * unfinished, config.output_max_length, penalty)
+    unfinished = 1 - before["metrics"]["eval/finished"]
+    if unfinished <= 0.5:
+        return
+    cut = (f"{100 * unfinished:.0f}% of the starting policy's held-out responses reach --output_max_length "
+           f"{config.output_max_length} without EOS")
+    if config.missing_eos_penalty:
+        logger.warning("%s: --missing_eos_penalty %g will drive learning more than the reward; raise "
+                       "--output_max_length or drop the penalty", cut, config.missing_eos_penalty)
+    else:
+        logger.warning("%s: the reward model scores cut-off answers; raise --output_max_length for answers that "
+                       "finish", cut)
 
 
 def result_line(steps: int, result: dict) -> str:
@@ -399,6 +406,10 @@ def result_line(steps: int, result: dict) -> str:
             f"{score['after']:.3f} "
             f"({result['verdict']}, {score['change']:+.3f}); KL to reference {kl['before']:.3f} -> {kl['after']:.3f}; "
             f"response length {length['before']:.1f} -> {length['after']:.1f} tokens")
+    finished = result.get("finished")
+    if finished and finished["after"] is not None:
+        line += (f"; ending with EOS (not cut at --output_max_length) {100 * finished['before']:.0f}% -> "
+                 f"{100 * finished['after']:.0f}%")
     baseline = result.get("best_of_n")
     if baseline:
         line += (f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} "
@@ -492,7 +503,7 @@ def main() -> None:
                 trainer, held_out, held_out_ids, held_out_columns, args.best_of_n)}
         if is_main:
             before_file.write_text(json.dumps(before))
-    warn_if_eos_penalty_dominates(before, config)
+    warn_if_most_answers_are_cut(before, config)
 
     logger.info("%s: %d steps of %d rollouts x %d processes (%d prompts per process)",
                 config.algorithm, total_steps, config.batch_size, dist.world_size, len(prompts))
@@ -558,15 +569,19 @@ def main() -> None:
     if merged_dir is not None:
         tokenizer.save_pretrained(merged_dir)
     samples = [
-        {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa}
-        for p, rb, ra, sb, sa in zip(held_out, before.get("responses", []), after["responses"],
-                                     before.get("raw_scores", []), after.get("raw_scores", []))
+        {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa,
+         "length_before": lb, "length_after": la, "finished_before": fb, "finished_after": fa}
+        for p, rb, ra, sb, sa, lb, la, fb, fa in zip(
+            held_out, before.get("responses", []), after["responses"], before.get("raw_scores", []),
+            after.get("raw_scores", []), before.get("lengths", []), after.get("lengths", []),
+            before.get("finished", []), after.get("finished", []))
     ]
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
     first, last = before.get("metrics", {}), after["metrics"]
     result = heldout_result(first, last, reward_source(args),
-                            extra={"eos_penalty": "eval/eos_penalty", "training_score": "eval/scores"})
+                            extra={"finished": "eval/finished", "eos_penalty": "eval/eos_penalty",
+                                   "training_score": "eval/scores"})
     if "best_of_n" in before and result["reward_score"]["after"] is not None:
         result["best_of_n"] = {**before["best_of_n"],
                                "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}

@@ -5,8 +5,9 @@ Reads each run's own ``summary.json`` (rl_training.py, or dpo_training.py with
 re-measured here. One row per run: the reward model's held-out score before -> after in its own
 units (a run trained on the normalised score is mapped back with the RM's stored mean/std; never the
 shaped training objective), its change, the best-of-n baseline from the starting
-policy and whether the run beat it, KL to the reference, response length before -> after, steps and
-wall time. The change carries its standard error from the run's ``eval_samples.jsonl`` (per prompt, score
+policy and whether the run beat it, KL to the reference, response length before -> after, the fraction
+of answers that ended with EOS before -> after (the rest were cut at the length limit, so the reward
+model scored unfinished text), steps and wall time. The change carries its standard error from the run's ``eval_samples.jsonl`` (per prompt, score
 after - score before, paired: the same prompts before and after): with 32 held-out prompts it is about
 0.1 on hh-rlhf, larger than most changes a short run makes. Below the rows, per algorithm, the mean
 change over its runs (seeds) with its standard error, their spread (max - min: the run-to-run noise),
@@ -34,7 +35,7 @@ from rlhf.reward import CONFIG_MEAN_KEY, CONFIG_STD_KEY
 
 HEADER = ("| run | algorithm | RM score before -> after (held-out, RM's own units) | change (+- s.e.) "
           "| best-of-n (start policy) "
-          "| KL | length before -> after | steps | wall time | precision |")
+          "| KL | length before -> after | finished (EOS) before -> after | steps | wall time | precision |")
 
 
 @dataclass
@@ -97,6 +98,10 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def run_row(name: str, summary: dict) -> str:
     result = summary["result"]
     score, kl, length = result["reward_score"], result["kl_to_reference"], result["response_length"]
@@ -104,12 +109,14 @@ def run_row(name: str, summary: dict) -> str:
     best = ("n/a" if not baseline else
             f"{baseline['score']:.3f} (n={baseline['n']}, {'beaten' if baseline['beaten'] else 'NOT beaten'})")
     wall = summary.get("wall_time_s")
+    finished = result.get("finished", {})  # absent in runs written before the column existed
     change = "n/a" if score["change"] is None else f"{score['change']:+.3f}"
     if score["change"] is not None and summary.get("change_se") is not None:
         change += f" +- {summary['change_se']:.3f}"
     cells = (name, summary.get("algorithm", "?"), f"{fmt(score['before'])} -> {fmt(score['after'])}",
              change, best, fmt(kl["after"], 2),
-             f"{fmt(length['before'], 1)} -> {fmt(length['after'], 1)}", str(summary.get("steps", "?")),
+             f"{fmt(length['before'], 1)} -> {fmt(length['after'], 1)}",
+             f"{percent(finished.get('before'))} -> {percent(finished.get('after'))}", str(summary.get("steps", "?")),
              "n/a" if wall is None else f"{wall / 60:.1f} min", summary.get("precision", "n/a"))
     return "| " + " | ".join(cells) + " |"
 

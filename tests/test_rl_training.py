@@ -263,6 +263,27 @@ def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
     assert score > sum(s["raw_score"] for s in samples) / len(samples)  # lengths vary: the best beats the mean
 
 
+def test_finished_fraction_is_reported_before_and_after(ppo_run):
+    """The fraction ending with EOS agrees with the per-answer flags and with the EOS penalty, which is applied
+    to exactly the answers that did not finish (two independent counts of the same thing)."""
+    out, _, result = ppo_run
+    summary = json.loads((out / "summary.json").read_text())
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    finished, length, penalty = (summary["result"][k] for k in ("finished", "response_length", "eos_penalty"))
+    for when in ("before", "after"):
+        flags = [s[f"finished_{when}"] for s in samples]
+        assert finished[when] == pytest.approx(sum(flags) / len(flags))
+        assert penalty[when] == pytest.approx(0.5 * (1 - finished[when]))
+        assert length[when] == pytest.approx(sum(s[f"length_{when}"] for s in samples) / len(samples))
+        assert all(s[f"length_{when}"] <= 8 for s in samples)
+        assert all(s[f"length_{when}"] == 8 for s in samples if not s[f"finished_{when}"])
+    last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
+    assert (f"ending with EOS (not cut at --output_max_length) {100 * finished['before']:.0f}% -> "
+            f"{100 * finished['after']:.0f}%") in last_line
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["response/ended_with_eos"] <= 1 for r in rows)
+
+
 def test_a_dominating_eos_penalty_is_warned_about_at_start(ppo_run):
     _, _, result = ppo_run  # 8 new tokens from a random tiny model: hardly any response ends
     warning = [line for line in result.stderr.splitlines() if "without EOS" in line]

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(directory: Path, algorithm: str, before: float, after: float, best: float | None = None,
-              steps: int = 20, wall: float | None = 600.0, per_prompt_changes: list[float] | None = None) -> Path:
+              steps: int = 20, wall: float | None = 600.0, per_prompt_changes: list[float] | None = None,
+              finished: tuple[float, float] | None = None) -> Path:
     """A finished run's files; ``per_prompt_changes``: eval_samples.jsonl rows whose scores move by these
     (their mean should be after - before, as a real run's are)."""
     directory.mkdir(parents=True)
@@ -30,6 +31,8 @@ def write_run(directory: Path, algorithm: str, before: float, after: float, best
         "kl_to_reference": {"before": 0.0, "after": 1.25, "change": 1.25},
         "response_length": {"before": 47.0, "after": 45.5, "change": -1.5},
     }
+    if finished is not None:
+        result["finished"] = {"before": finished[0], "after": finished[1], "change": finished[1] - finished[0]}
     if best is not None:
         result["best_of_n"] = {"n": 4, "score": best, "beaten": after > best}
     summary = {"result": result, "algorithm": algorithm, "steps": steps,
@@ -41,15 +44,16 @@ def write_run(directory: Path, algorithm: str, before: float, after: float, best
 
 
 def test_rows_lead_with_the_raw_score_and_say_when_the_baseline_was_not_beaten(tmp_path):
-    runs = [write_run(tmp_path / "grpo-seed0", "grpo", 0.50, 0.90, best=0.80),
+    runs = [write_run(tmp_path / "grpo-seed0", "grpo", 0.50, 0.90, best=0.80, finished=(0.625, 0.25)),
             write_run(tmp_path / "grpo-seed1", "grpo", 0.60, 0.70, best=0.85),
             write_run(tmp_path / "dpo-seed0", "dpo", 0.40, 0.30, wall=None)]
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.6912}))
     table = build_table(runs, tmp_path / "rm")
     assert "held-out accuracy 0.691" in table
-    assert "| grpo-seed0 | grpo | 0.500 -> 0.900 | +0.400 | 0.800 (n=4, beaten) | 1.25 | 47.0 -> 45.5 | 20 | 10.0 min |" \
-        in table
+    assert ("| grpo-seed0 | grpo | 0.500 -> 0.900 | +0.400 | 0.800 (n=4, beaten) | 1.25 | 47.0 -> 45.5 | 62% -> 25% "
+            "| 20 | 10.0 min |") in table
+    assert "| 47.0 -> 45.5 | n/a -> n/a | 20 |" in table  # a run written before the finish fraction was recorded
     assert "0.850 (n=4, NOT beaten)" in table
     assert "| dpo-seed0 | dpo | 0.400 -> 0.300 | -0.100 | n/a |" in table and "| n/a |" in table
     assert ("- grpo: mean change +0.250 over 2 run(s), spread 0.300; raised in every run, but by less than the "
