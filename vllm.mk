@@ -13,7 +13,7 @@ VLLM_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=f
 
 .PHONY: setup-vllm test-vllm
 
-$(VLLM_VENV)/.installed: requirements-vllm.txt
+$(VLLM_VENV)/.installed: requirements-vllm.txt requirements-deepspeed.txt
 	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel; never let pip pick an unpinned (CUDA, GBs) torch.
@@ -21,10 +21,16 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt
 	# one command, so pip keeps transformers at vLLM's pin (<5.20)
 	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# DeepSpeed too (requirements-deepspeed.txt, no conflict with vLLM's pins), for the ZeRO-2/3 push tests;
+	# its CPU comm op is compiled into this venv, as make setup-deepspeed does for the main one
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-deepspeed.txt
+	PATH="$(abspath $(VLLM_VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VLLM_VENV))/torch_extensions" \
+		$(VLLM_VENV)/bin/python -m rlhf.deepspeed_ops
 	$(VLLM_ENV) $(VLLM_VENV)/bin/python -c "import torch, vllm; from vllm import LLM; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
 
 setup-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: setup-vllm
-	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
+	$(VLLM_ENV) TORCH_EXTENSIONS_DIR="$(abspath $(VLLM_VENV))/torch_extensions" PATH="$(abspath $(VLLM_VENV))/bin:$$PATH" \
+		$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py

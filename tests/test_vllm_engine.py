@@ -343,3 +343,52 @@ def test_grpo_run_through_vllm_logs_the_mismatch_pushes_and_resumes(vllm_model_d
     again = subprocess.run([*args, "--steps", "3", "--resume_from_checkpoint", "true"], cwd=repo, env=env,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and (out / "summary.json").read_text() == json.dumps(summary, indent=2)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_grpo_under_deepspeed_zero_samples_from_the_gathered_update(vllm_model_dir, tmp_path, zero):
+    """Two ranks, each with its own colocated vLLM, training under ZeRO-2 / ZeRO-3 (tests/configs/zero3_release.json
+    releases every parameter, as a real model would be partitioned): the engine is built before the trainer
+    prepares the policy, so the trainer hands it the DeepSpeed engine, and each push gathers the whole weights.
+    The second step's samples must come from the updated policy: the sampler's log-probs of them match the
+    trainer's forward (a push of partitioned placeholders would fail to load or sample from other weights)."""
+    import json
+    import os
+    import subprocess
+
+    from ports import free_port
+
+    pytest.importorskip("vllm")
+    pytest.importorskip("deepspeed")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / "train.jsonl"
+    with open(os.path.join(repo, "data", "demo", "train.jsonl")) as handle:
+        data.write_text("".join(handle.readlines()[:60]))
+    reward = tmp_path / "length_reward.py"
+    reward.write_text("def reward(prompts, responses, **columns):\n    return [len(r) / 10 for r in responses]\n")
+    config = {2: os.path.join(repo, "configs", "deepspeed", "zero2.json"),
+              3: os.path.join(repo, "tests", "configs", "zero3_release.json")}[zero]
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "VLLM_CPU_KVCACHE_SPACE")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix,
+                                                                                            "torch_extensions"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "rl_training.py", "--model_name", vllm_model_dir, "--reward_fn",
+            f"{reward}:reward", "--train_file", str(data), "--device", "cpu", "--use_vllm", "True",
+            "--advantage_estimator", "grpo", "--num_generations", "4", "--batch_size", "8", "--mini_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--ppo_epochs", "1", "--learning_rate", "5e-3",
+            "--output_max_length", "8", "--input_max_length", "64", "--eval_samples", "4", "--batched_gen", "True",
+            "--save_freq", "2", "--steps", "2", "--vllm_kv_cache_gb", "1", "--deepspeed", config,
+            "--output_dir", str(out)]
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert f"DeepSpeed ZeRO stage {zero}" in log, log[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["rollout/logprob_mismatch_max"] < 1e-3, row["rollout/logprob_mismatch_max"]
+    assert rows[1]["objective/kl"] > 0  # step 2 sampled from the pushed update, not the starting weights
