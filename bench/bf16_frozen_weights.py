@@ -17,11 +17,14 @@ shows a frozen model with it.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rlhf.modeling import fold_lm_head_input
 
 
