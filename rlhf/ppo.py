@@ -654,7 +654,9 @@ class PPOTrainer:
             static_prompt_width=self._static_prompt_width, pad_to_multiple_of=config.pad_to_multiple_of,
             mark_step=self.mark_step, wrap_for_generation=wrap_for_generation)
         if rollout_engine is not None and self.engine is not None:
-            rollout_engine.deepspeed_engine = self.engine  # built before prepare: under ZeRO-3 it gathers through it
+            # built before prepare: the push gathers ZeRO-3 weights either way; with the engine it also lifts the
+            # engine's fetch/release hooks during the gather, as the hf engine's generation does
+            rollout_engine.deepspeed_engine = self.engine
         if not self.rollout_engine.samples_from_policy:
             self.rollout_engine.push_weights(policy.model)  # a resumed adapter (or LoRA's init), before sampling
         # Seeded after prepare (a DeepSpeed engine draws random numbers as it starts): the same sampling with it or without

@@ -348,10 +348,10 @@ def test_grpo_run_through_vllm_logs_the_mismatch_pushes_and_resumes(vllm_model_d
 @pytest.mark.parametrize("zero", [2, 3])
 def test_grpo_under_deepspeed_zero_samples_from_the_gathered_update(vllm_model_dir, tmp_path, zero):
     """Two ranks, each with its own colocated vLLM, training under ZeRO-2 / ZeRO-3 (tests/configs/zero3_release.json
-    releases every parameter, as a real model would be partitioned): the engine is built before the trainer
-    prepares the policy, so the trainer hands it the DeepSpeed engine, and each push gathers the whole weights.
-    The second step's samples must come from the updated policy: the sampler's log-probs of them match the
-    trainer's forward (a push of partitioned placeholders would fail to load or sample from other weights)."""
+    releases every parameter, as a real model would be partitioned): each push gathers the whole weights
+    (``rlhf.zero.full_parameters``) on every rank. The second step's samples must come from the updated policy:
+    the sampler's log-probs of them match the trainer's forward (a push of partitioned placeholders would fail
+    to load or sample from other weights)."""
     import json
     import os
     import subprocess
