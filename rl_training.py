@@ -396,6 +396,12 @@ def warn_if_most_answers_are_cut(before: dict, config: PPOConfig) -> None:
                        "finish", cut)
 
 
+def column(evaluation: dict, key: str, rows: int) -> list:
+    """One per-prompt list of an ``evaluate`` result; Nones where it lacks it (an eval_before.json written by an
+    earlier version, resumed: zip must not drop every sample)."""
+    return evaluation.get(key) or [None] * rows
+
+
 def result_line(steps: int, result: dict) -> str:
     """The run's last line: the raw held-out reward (the reward model's score) first, the penalty apart from it."""
     score, kl, penalty, length = (result[k] for k in ("reward_score", "kl_to_reference", "eos_penalty",
@@ -568,13 +574,12 @@ def main() -> None:
     tokenizer.save_pretrained(output_dir)
     if merged_dir is not None:
         tokenizer.save_pretrained(merged_dir)
+    per_prompt = [column(evaluation, key, len(held_out))  # responses before, after, raw_scores before, ...
+                  for key in ("responses", "raw_scores", "lengths", "finished") for evaluation in (before, after)]
     samples = [
         {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa,
          "length_before": lb, "length_after": la, "finished_before": fb, "finished_after": fa}
-        for p, rb, ra, sb, sa, lb, la, fb, fa in zip(
-            held_out, before.get("responses", []), after["responses"], before.get("raw_scores", []),
-            after.get("raw_scores", []), before.get("lengths", []), after.get("lengths", []),
-            before.get("finished", []), after.get("finished", []))
+        for p, rb, ra, sb, sa, lb, la, fb, fa in zip(held_out, *per_prompt)
     ]
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
