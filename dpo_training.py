@@ -87,6 +87,7 @@ from rlhf.modeling import (
 from rlhf.plotting import plot_trainer_history
 from rlhf.report import heldout_result
 from rlhf.reward import RewardScorer, check_reward_model_config
+from rlhf.sequences import ends_with_eos
 from rlhf.training import (
     RunArguments,
     check_output_dir,
@@ -313,7 +314,7 @@ def heldout_eval(model, ref_model, tokenizer, prompts, sampling: dict, has_refer
     """Sampled responses to held-out prompts, their mean length, the fraction ending with EOS (not cut at
     ``--heldout_max_new_tokens``), KL to the reference and (with a scorer) the reward model's raw score."""
     responses = sample_responses(model, tokenizer, prompts, **sampling)
-    finished = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+    finished = ends_with_eos(responses, tokenizer.eos_token_id).tolist()
     metrics = {"eval/response_length": sum(len(r) for r in responses) / max(len(responses), 1),
                "eval/finished": sum(finished) / max(len(finished), 1)}
     if has_reference:

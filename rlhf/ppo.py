@@ -75,6 +75,7 @@ from rlhf.policy_loss import (
 )
 from rlhf.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams
 from rlhf.sequences import (
+    ends_with_eos,
     entropy_from_logits,
     is_peft_model,
     logprobs_from_logits,
@@ -711,8 +712,7 @@ class PPOTrainer:
 
     def ended_with_eos(self, responses: Sequence[torch.Tensor]) -> torch.Tensor:
         """Bool per response from ``generate``: True if it finished with EOS (not cut by length)."""
-        last = [r[-1:] if r.numel() else r.new_full((1,), -1) for r in responses]
-        return (torch.cat(last) == self.eos_token_id).cpu()
+        return ends_with_eos(responses, self.eos_token_id)
 
     def decode_responses(self, responses: Sequence[torch.Tensor]) -> list[str]:
         return self.tokenizer.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
@@ -1081,13 +1081,14 @@ class PPOTrainer:
             totals["eval/eos_penalty"] += scores.eos_penalty.sum().item()
             totals["eval/scores"] += scores.shaped.sum().item()
             totals["eval/kl"] += kl.sum().item()
-            totals["eval/response_length"] += mask.sum().item()
+            lengths = mask.sum(1)
+            totals["eval/response_length"] += lengths.sum().item()
             totals["eval/finished"] += finished.sum().item()
             samples += [
                 {"prompt": p, "response": r, "raw_score": float(raw), "score": float(sc), "kl": float(k),
                  "length": int(n), "finished": bool(f)}
                 for p, r, raw, sc, k, n, f in zip(texts, self.decode_responses(responses), scores.raw.tolist(),
-                                                  scores.shaped.tolist(), kl.tolist(), mask.sum(1).tolist(),
+                                                  scores.shaped.tolist(), kl.tolist(), lengths.tolist(),
                                                   finished.tolist())
             ]
         metrics = self._reduce({k: v / max(len(prompt_ids), 1) for k, v in totals.items()})

@@ -7,8 +7,9 @@ units (a run trained on the normalised score is mapped back with the RM's stored
 shaped training objective), its change, the best-of-n baseline from the starting
 policy and whether the run beat it, KL to the reference, response length before -> after, the fraction
 of answers that ended with EOS before -> after (the rest were cut at the length limit, so the reward
-model scored unfinished text), steps and wall time. The change carries its standard error from the run's ``eval_samples.jsonl`` (per prompt, score
-after - score before, paired: the same prompts before and after): with 32 held-out prompts it is about
+model scored unfinished text), steps and wall time. The change carries its standard error from the run's
+``eval_samples.jsonl`` (per prompt, score after - score before, paired: the same prompts before and
+after): with 32 held-out prompts it is about
 0.1 on hh-rlhf, larger than most changes a short run makes. Below the rows, per algorithm, the mean
 change over its runs (seeds) with its standard error, their spread (max - min: the run-to-run noise),
 and whether the mean change exceeds both the spread and twice the standard error.

@@ -95,6 +95,14 @@ def truncate_after_eos(
     return ids, mask, ended
 
 
+def ends_with_eos(responses: Sequence[Sequence[int] | torch.Tensor], eos_token_id: int) -> torch.Tensor:
+    """Bool per response (token ids cut after their first EOS, as the engines return them): True if it
+    finished with EOS, False if it was cut by the length limit (or is empty)."""
+    rows = [torch.as_tensor(r, dtype=torch.long) for r in responses]
+    last = [r[-1:] if r.numel() else r.new_full((1,), -1) for r in rows]  # one comparison, one copy to the CPU
+    return (torch.cat(last) == eos_token_id).cpu() if last else torch.zeros(0, dtype=torch.bool)
+
+
 def is_peft_model(model) -> bool:
     """True for a peft ``PeftModel`` (the adapter can be disabled to get the reference policy)."""
     try:
