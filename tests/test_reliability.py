@@ -61,7 +61,7 @@ FINAL_WEIGHTS = {
     "rm": ["model.safetensors"],
     "ppo": ["adapter_model.safetensors", "value_head.safetensors"],
 }
-TOTAL_STEPS = {"sft": 40, "rm": 40, "ppo": 30}  # long enough that a kill lands mid-training
+TOTAL_STEPS = {"sft": 20, "rm": 20, "ppo": 16}  # long enough that a kill lands mid-training (9+ checkpoints after the first)
 
 
 def clean_env(**extra: str) -> dict:
@@ -82,7 +82,7 @@ def small_data(tmp_path_factory) -> str:
 
 
 def stage_args(stage: str, model: str, data: str, reward_model: str | None = None) -> list[str]:
-    """Small CPU runs: 8 Trainer steps / 6 PPO steps, a checkpoint every 2 steps, fixed seed."""
+    """Small CPU runs: ``TOTAL_STEPS`` steps, a checkpoint every 2 steps, fixed seed."""
     trainer = ["--train_file", data, "--device", "cpu", "--report_to", "none", "--disable_tqdm", "true",
                "--logging_steps", "1", "--per_device_train_batch_size", "2", "--seed", "0",
                "--max_steps", str(TOTAL_STEPS[stage]), "--save_steps", "2"]
