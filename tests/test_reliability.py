@@ -61,7 +61,7 @@ FINAL_WEIGHTS = {
     "rm": ["model.safetensors"],
     "ppo": ["adapter_model.safetensors", "value_head.safetensors"],
 }
-TOTAL_STEPS = {"sft": 20, "rm": 20, "ppo": 16}  # long enough that a kill lands mid-training (9+ checkpoints after the first)
+TOTAL_STEPS = {"sft": 20, "rm": 20, "ppo": 16}  # long enough that a kill lands mid-training (7-9 more checkpoints after the first)
 
 
 def clean_env(**extra: str) -> dict:
