@@ -116,6 +116,9 @@ class ScriptArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt."})
     eval_samples: int = field(default=32, metadata={"help": "Held-out prompts evaluated before and after (0: off)."})
+    eval_batch_size: int = field(default=0, metadata={
+        "help": "Held-out responses per generate call in the evaluation and best-of-n (0: --batch_size). Larger is "
+                "faster where memory allows: a decode step costs little more for 24 sequences than for 8."})
     best_of_n: int = field(default=0, metadata={
         "help": "Also score best-of-n sampling from the starting policy on the held-out prompts (the best of n "
                 "responses per prompt by the raw reward): the baseline RL must beat to be worth its cost. 0: off."})
@@ -143,6 +146,8 @@ class ScriptArguments:
             raise UserError(f"--save_freq {self.save_freq} must be positive")
         if self.eval_samples < 0:
             raise UserError("--eval_samples must be >= 0")
+        if self.eval_batch_size < 0:
+            raise UserError(f"--eval_batch_size {self.eval_batch_size} must be >= 0 (0: --batch_size)")
         if self.peft == "lora":
             check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout, rank_flag="--lora_rank")
         if self.best_of_n < 0 or self.best_of_n == 1:
@@ -339,14 +344,15 @@ def check_finite(stats: dict, step: int) -> None:
             )
 
 
-def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, label: str) -> dict:
+def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, label: str,
+             batch_size: int = 0) -> dict:
     """Reward-model score, EOS penalty and KL to the reference on held-out prompts, with the responses."""
     if not prompts:
         return {"metrics": {}, "responses": []}
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(trainer.config.seed + 1234)  # same sampling noise before and after training
-    metrics, samples = trainer.evaluate(prompts, prompt_ids, columns=columns)
+    metrics, samples = trainer.evaluate(prompts, prompt_ids, batch_size=batch_size or None, columns=columns)
     torch.set_rng_state(generator_state)
     logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start,
                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -355,14 +361,15 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Ten
             "lengths": [s["length"] for s in samples], "finished": [s["finished"] for s in samples]}
 
 
-def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int) -> float:
+def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int,
+              batch_size: int = 0) -> float:
     """Mean over held-out prompts of the best raw reward among ``n`` responses sampled from the current policy.
 
     Only sampling and scoring: unlike ``evaluate`` no KL forward passes, which the baseline does not need."""
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(trainer.config.seed + 4321)
-    per_batch = max(trainer.config.batch_size // n, 1)  # whole groups of n in each generate call
+    per_batch = max((batch_size or trainer.config.batch_size) // n, 1)  # whole groups of n in each generate call
     best = []
     for i in tqdm(range(0, len(prompts), per_batch), desc=f"best-of-{n}", unit="batch", leave=False,
                   disable=not trainer.accelerator.is_main_process):
@@ -503,10 +510,11 @@ def main() -> None:
     if resume_dir is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
-        before = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"before {config.algorithm}")
+        before = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"before {config.algorithm}",
+                          args.eval_batch_size)
         if args.best_of_n and held_out:
             before["best_of_n"] = {"n": args.best_of_n, "score": best_of_n(
-                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n)}
+                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n, args.eval_batch_size)}
         if is_main:
             before_file.write_text(json.dumps(before))
     warn_if_most_answers_are_cut(before, config)
@@ -562,7 +570,8 @@ def main() -> None:
         stop.restore()
         bar.close()  # before any one-line exit message, so it is not glued to the bar
 
-    after = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"after {config.algorithm}")
+    after = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"after {config.algorithm}",
+                     args.eval_batch_size)
     if args.log_with:
         accelerator.end_training()
     merged_dir = output_dir / "merged" if args.merge_final else None

@@ -36,6 +36,7 @@ def packaged_gguf_path() -> Path:
 
 def convert_gguf(gguf_path: Path, output_dir: Path) -> Path:
     """Dequantise a GGUF causal LM and save it as a safetensors model directory with its tokenizer."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -44,8 +45,10 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict())
+    with init_empty_weights():  # no random init of weights that are overwritten at once (3 s of the ~30)
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
     plain.generation_config = loaded.generation_config
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,14 +1,22 @@
-"""Training curves as PNG files, beside the metrics they are drawn from."""
+"""Training curves as PNG files, beside the metrics they are drawn from.
+
+matplotlib is imported when a plot is drawn, not with this module: every script imports it, and most of the
+scripts' processes (tests, resumed runs, ``--help``) never plot."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(rows: list[dict], keys: list[str], path: str | Path, x_key: str = "step", title: str = "") -> Path | None:
@@ -18,6 +26,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: str | Path, x_key: str 
         return None
     columns = min(3, len(present))
     lines = math.ceil(len(present) / columns)
+    plt = pyplot()
     figure, axes = plt.subplots(lines, columns, figsize=(4.5 * columns, 3.2 * lines), squeeze=False)
     for axis, key in zip(axes.flat, present):
         points = [(r[x_key], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and x_key in r]
@@ -54,6 +63,7 @@ def plot_runs(metrics_files: dict[str, Path], path: str | Path, keys: tuple[str,
     present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for rows in runs.values() for r in rows)]
     if not present:
         return None
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(present), figsize=(4.8 * len(present), 3.4), squeeze=False)
     for axis, key in zip(axes.flat, present):
         for name, rows in runs.items():
