@@ -6,20 +6,32 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup setup-deepspeed test demo demo-tiny bench clean-outputs recipe-hh
+.PHONY: setup setup-dev setup-deepspeed test demo demo-tiny bench clean-outputs recipe-hh
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# Packages other than torch go in with uv (pinned, from PyPI): the same pins as pip, installed in about 15 s
+# instead of 36 here (parallel downloads and unpacking). --compile-bytecode writes the .pyc files at install,
+# as pip does: where PYTHONDONTWRITEBYTECODE is set nothing else writes them, and every import pays.
+UV := $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode
+
+$(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel here; never let pip pick an unpinned (CUDA, GBs) torch.
+	$(PY) -m pip install --quiet --upgrade pip uv==0.13.9
+	# torch first, pinned and with pip: pip takes the CPU wheel where pip's configuration points at one (uv does not
+	# read it); never let an installer pick an unpinned (CUDA, GBs) torch.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(UV) -r requirements.txt
+	touch $@
+
+# What the tests need beside the main stack (pytest and its parallel runner); the demo does not install it.
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(UV) -r requirements-dev.txt
 	touch $@
 
 # Optional DeepSpeed set (the demo never uses it; make test does); on a CPU-only machine its C++ comm op is
 # compiled here, once, into the venv (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the
 # venv's ninja, so no test rebuilds it).
 $(VENV)/.installed-deepspeed: $(VENV)/.installed requirements-deepspeed.txt
+	# pip, not uv: DeepSpeed is an sdist whose build must see the installed torch
 	$(PY) -m pip install --quiet -r requirements-deepspeed.txt
 	PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
 		$(PY) -m rlhf.deepspeed_ops
@@ -27,12 +39,14 @@ $(VENV)/.installed-deepspeed: $(VENV)/.installed requirements-deepspeed.txt
 
 setup: $(VENV)/.installed
 
+setup-dev: $(VENV)/.installed-dev
+
 setup-deepspeed: $(VENV)/.installed-deepspeed
 
 # Test files run in parallel, one worker per core up to 4 (tests/conftest.py splits the threads between them);
 # a file's tests stay on one worker, so its module fixtures are built once. PYTEST_ARGS="-n 0" runs them serially.
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
-test: setup setup-deepspeed
+test: setup-dev setup-deepspeed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
