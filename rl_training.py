@@ -345,14 +345,14 @@ def check_finite(stats: dict, step: int) -> None:
 
 
 def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, label: str,
-             batch_size: int = 0) -> dict:
+             batch_size: int) -> dict:
     """Reward-model score, EOS penalty and KL to the reference on held-out prompts, with the responses."""
     if not prompts:
         return {"metrics": {}, "responses": []}
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(trainer.config.seed + 1234)  # same sampling noise before and after training
-    metrics, samples = trainer.evaluate(prompts, prompt_ids, batch_size=batch_size or None, columns=columns)
+    metrics, samples = trainer.evaluate(prompts, prompt_ids, batch_size=batch_size, columns=columns)
     torch.set_rng_state(generator_state)
     logger.info("Eval %s (%d prompts, %.1fs): %s", label, len(prompts), time.perf_counter() - start,
                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -362,14 +362,14 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Ten
 
 
 def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int,
-              batch_size: int = 0) -> float:
+              batch_size: int) -> float:
     """Mean over held-out prompts of the best raw reward among ``n`` responses sampled from the current policy.
 
     Only sampling and scoring: unlike ``evaluate`` no KL forward passes, which the baseline does not need."""
     start = time.perf_counter()
     generator_state = torch.get_rng_state()
     torch.manual_seed(trainer.config.seed + 4321)
-    per_batch = max((batch_size or trainer.config.batch_size) // n, 1)  # whole groups of n in each generate call
+    per_batch = max(batch_size // n, 1)  # whole groups of n in each generate call
     best = []
     for i in tqdm(range(0, len(prompts), per_batch), desc=f"best-of-{n}", unit="batch", leave=False,
                   disable=not trainer.accelerator.is_main_process):
@@ -507,14 +507,15 @@ def main() -> None:
     held_out_ids = prompt_token_ids(tokenizer, held_out, config.input_max_length)
     held_out_columns = columns_of(held_out, rows)
     before_file = output_dir / "eval_before.json"
+    eval_batch_size = args.eval_batch_size or config.batch_size
     if resume_dir is not None and before_file.is_file():
         before = json.loads(before_file.read_text())
     else:
         before = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"before {config.algorithm}",
-                          args.eval_batch_size)
+                          eval_batch_size)
         if args.best_of_n and held_out:
             before["best_of_n"] = {"n": args.best_of_n, "score": best_of_n(
-                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n, args.eval_batch_size)}
+                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n, eval_batch_size)}
         if is_main:
             before_file.write_text(json.dumps(before))
     warn_if_most_answers_are_cut(before, config)
@@ -571,7 +572,7 @@ def main() -> None:
         bar.close()  # before any one-line exit message, so it is not glued to the bar
 
     after = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"after {config.algorithm}",
-                     args.eval_batch_size)
+                     eval_batch_size)
     if args.log_with:
         accelerator.end_training()
     merged_dir = output_dir / "merged" if args.merge_final else None

@@ -255,7 +255,7 @@ def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
         return scores
 
     trainer.score = recording_score
-    score = rl_training.best_of_n(trainer, prompts, ids, {}, 4)
+    score = rl_training.best_of_n(trainer, prompts, ids, {}, 4, trainer.config.batch_size)
     samples = seen
     assert [s["prompt"] for s in samples] == [p for p in prompts for _ in range(4)]
     best = [max(s["raw_score"] for s in samples[i * 4 : i * 4 + 4]) for i in range(3)]
@@ -361,6 +361,7 @@ def test_grpo_with_a_reward_function_and_no_reward_model(tiny_model_dir, tmp_pat
     (["--reward_fn", "rlhf_nosuch_rules:score"], "--reward_fn rlhf_nosuch_rules:score: importing"),
     (["--top_k", "50"], "--top_k 50"),
     (["--best_of_n", "1"], "--best_of_n 1: use 0 (off) or n >= 2"),
+    (["--eval_batch_size", "-1"], "--eval_batch_size -1 must be >= 0"),
 ])
 def test_bad_rl_flags_exit_2_with_one_line_before_any_model_loads(flags, fragment, tmp_path):
     # The model path does not exist: a check that ran after loading would report that instead.
