@@ -27,27 +27,37 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(UV) -r requirements-dev.txt
 	touch $@
 
-# Optional DeepSpeed set (the demo never uses it; make test does); on a CPU-only machine its C++ comm op is
-# compiled here, once, into the venv (tests/test_deepspeed.py uses the same TORCH_EXTENSIONS_DIR and the
-# venv's ninja, so no test rebuilds it).
+# Optional DeepSpeed set (the demo never uses it; make test does). On a CPU-only machine DeepSpeed compiles its
+# C++ comm op at first use; it is built once, into the venv (tests/test_deepspeed.py uses the same
+# TORCH_EXTENSIONS_DIR and the venv's ninja, so no test rebuilds it).
 $(VENV)/.installed-deepspeed: $(VENV)/.installed requirements-deepspeed.txt
 	# pip, not uv: DeepSpeed is an sdist whose build must see the installed torch
 	$(PY) -m pip install --quiet -r requirements-deepspeed.txt
-	PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
-		$(PY) -m rlhf.deepspeed_ops
+	touch $@
+
+BUILD_DS_OPS := PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
+	$(PY) -m rlhf.deepspeed_ops
+$(VENV)/.built-deepspeed-ops: $(VENV)/.installed-deepspeed
+	$(BUILD_DS_OPS)
 	touch $@
 
 setup: $(VENV)/.installed
 
 setup-dev: $(VENV)/.installed-dev
 
-setup-deepspeed: $(VENV)/.installed-deepspeed
+setup-deepspeed: $(VENV)/.built-deepspeed-ops
 
 # Test files run in parallel, one worker per core up to 4 (tests/conftest.py splits the threads between them);
 # a file's tests stay on one worker, so its module fixtures are built once. PYTEST_ARGS="-n 0" runs them serially.
 PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
-test: setup-dev setup-deepspeed
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+# The comm op compiles (about 40 s, mostly on one core) beside the first tests rather than before them: a
+# DeepSpeed test that starts first waits on torch's build lock, and a failed build fails make test.
+test: setup-dev $(VENV)/.installed-deepspeed
+	@if [ -f $(VENV)/.built-deepspeed-ops ]; then ops=; else \
+		( $(BUILD_DS_OPS) && touch $(VENV)/.built-deepspeed-ops ) & ops=$$!; fi; \
+	rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) tests || rc=$$?; \
+	if [ -n "$$ops" ] && ! wait $$ops; then echo "make test: building DeepSpeed's comm op failed (output above)" >&2; rc=1; fi; \
+	exit $$rc
 
 demo: setup
 	./run_pipeline.sh

@@ -20,7 +20,8 @@ cases: ``deepspeed``, ``torchrun --deepspeed``, ``accelerate launch --use_deepsp
 
 DeepSpeed builds a C++ shared-memory comm op on first use on CPU (about 60 s); the jobs get
 ``TORCH_EXTENSIONS_DIR=<venv>/torch_extensions`` (unless already set) and the venv's ``bin`` first on
-``PATH`` (its ninja), so it is built once per venv (``make setup`` builds it) and reused.
+``PATH`` (its ninja), so it is built once per venv (``make setup-deepspeed`` builds it; ``make test`` builds it beside the
+first tests, and a job that starts first waits on torch's build lock) and reused.
 
 PPO (its own loop on the DeepSpeed engine) is killed with SIGKILL after its first checkpoint, resumed,
 and compared with an uninterrupted plain run (``test_ppo_zero_killed_resumed_matches_plain_run``).
@@ -488,7 +489,7 @@ def test_trainer_stage_refuses_deepspeed_launcher_without_config(monkeypatch):
 
 @needs_deepspeed
 def test_build_ops_fills_the_cache_the_jobs_use(monkeypatch, tmp):
-    """``make setup`` runs ``python -m rlhf.deepspeed_ops`` with the jobs' TORCH_EXTENSIONS_DIR and PATH."""
+    """``make setup-deepspeed`` and ``make test`` run ``python -m rlhf.deepspeed_ops`` with the jobs' TORCH_EXTENSIONS_DIR and PATH."""
     from rlhf.deepspeed_ops import build_ops
 
     env = job_env(tmp / "hf_home")
