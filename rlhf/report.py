@@ -17,10 +17,11 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 from rlhf.demo_rule import check_response, extract_question
 from rlhf.errors import UserError, run_cli
@@ -66,6 +67,21 @@ def rule_summary(prompts: list[str], responses: list[str]) -> dict[str, float]:
     return summary
 
 
+def paired_change(before: list[float], after: list[float]) -> tuple[float, float] | None:
+    """Mean of ``after - before`` over the same prompts and its standard error (None below 2 prompts).
+
+    Before and after are sampled from the same prompts with the same seed, so the paired error is the
+    honest yardstick: a change inside two of them is what resampling alone can produce."""
+    diffs = [a - b for a, b in zip(after, before)]
+    if len(diffs) < 2:
+        return None
+    return mean(diffs), stdev(diffs) / math.sqrt(len(diffs))
+
+
+def rule_scores(prompts: list[str], responses: list[str]) -> list[float]:
+    return [mean(float(v) for v in check_response(extract_question(p), r).values()) for p, r in zip(prompts, responses)]
+
+
 def one_line(text: str, limit: int = 160) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -80,6 +96,12 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
     prompts = [s["prompt"] for s in samples]
     rule_before = rule_summary(prompts, [s["response_before"] for s in samples])
     rule_after = rule_summary(prompts, [s["response_after"] for s in samples])
+    rule_change = paired_change(rule_scores(prompts, [s["response_before"] for s in samples]),
+                                rule_scores(prompts, [s["response_after"] for s in samples]))
+    has_scores = bool(samples) and all(s.get("rm_score_before") is not None and s.get("rm_score_after") is not None
+                                       for s in samples)
+    reward_change = (paired_change([s["rm_score_before"] for s in samples], [s["rm_score_after"] for s in samples])
+                     if has_scores else None)
     before, after = summary["eval_before"], summary["eval_after"]
     numbers = {
         "rm_accuracy": rm_eval.get("eval_accuracy"),
@@ -96,10 +118,19 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         "best_of_n": summary.get("result", {}).get("best_of_n"),
         "rule_before": rule_before,
         "rule_after": rule_after,
+        "reward_change": reward_change and {"mean": reward_change[0], "standard_error": reward_change[1]},
+        "rule_change": rule_change and {"mean": rule_change[0], "standard_error": rule_change[1]},
     }
 
     def fmt(value) -> str:
         return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+    def fmt_change(change: tuple[float, float] | None) -> str:
+        if change is None:
+            return "n/a"
+        delta, error = change
+        within = abs(delta) <= 2 * error
+        return f"{delta:+.3f} +- {error:.3f}" + (" (within noise)" if within else "")
 
     rm_line = (f"Reward model held-out accuracy: {fmt(numbers['rm_accuracy'])} "
                f"(mean margin {fmt(numbers['rm_mean_margin'])}, {numbers['rm_eval_samples']} pairs)"
@@ -110,21 +141,27 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         rm_line,
         f"{algorithm}: {numbers['ppo_steps']} steps; evaluated on {len(samples)} held-out prompts",
         "",
-        f"| held-out metric | before {algorithm} | after {algorithm} |",
-        "|---|---|---|",
-        f"| mean {numbers['reward_source']} score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} |",
-        f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} |",
+        f"| held-out metric | before {algorithm} | after {algorithm} | change +- paired standard error |",
+        "|---|---|---|---|",
+        f"| mean {numbers['reward_source']} score | {fmt(numbers['reward_before'])} | {fmt(numbers['reward_after'])} "
+        f"| {fmt_change(reward_change)} |",
+        f"| demo rule score (0-1) | {fmt(rule_before.get('rule_score'))} | {fmt(rule_after.get('rule_score'))} "
+        f"| {fmt_change(rule_change)} |",
     ]
     baseline = numbers["best_of_n"]
     if baseline:
         lines.append(f"| best-of-{baseline['n']} from the starting policy (the baseline to beat) | "
-                     f"{fmt(baseline['score'])} | {'beaten' if baseline['beaten'] else 'NOT beaten'} |")
+                     f"{fmt(baseline['score'])} | {'beaten' if baseline['beaten'] else 'NOT beaten'} | |")
     for check in ("on_topic", "polite", "finished"):
-        lines.append(f"| - {check} | {fmt(rule_before.get(check))} | {fmt(rule_after.get(check))} |")
+        lines.append(f"| - {check} | {fmt(rule_before.get(check))} | {fmt(rule_after.get(check))} | |")
     lines += [
-        f"| KL to reference (nats/response) | {fmt(numbers['kl_before'])} | {fmt(numbers['kl_after'])} |",
+        f"| KL to reference (nats/response) | {fmt(numbers['kl_before'])} | {fmt(numbers['kl_after'])} | |",
         f"| response length (tokens) | {fmt(before.get('eval/response_length'))} | "
-        f"{fmt(after.get('eval/response_length'))} |",
+        f"{fmt(after.get('eval/response_length'))} | |",
+        "",
+        f"Changes are means over the {len(samples)} prompts of after minus before (each prompt sampled with the same "
+        "seed before and after), with their standard error; one within two standard errors is what resampling "
+        "alone produces, not a result.",
         "",
         "## Examples (held-out prompts)",
     ]

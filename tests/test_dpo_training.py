@@ -192,8 +192,8 @@ def test_report_reads_the_dpo_summary_without_a_reward_model(trained):
     output, _ = trained
     text, numbers = build_report(None, output)
     assert numbers["algorithm"] == "dpo" and numbers["heldout_prompts"] == 4
-    assert "| held-out metric | before DPO | after DPO |" in text
-    assert "No reward model" in text and "| mean reward-model score | n/a | n/a |" in text
+    assert "| held-out metric | before DPO | after DPO | change +- paired standard error |" in text
+    assert "No reward model" in text and "| mean reward-model score | n/a | n/a | n/a |" in text
     assert "rule_score" in numbers["rule_before"] and "rule_score" in numbers["rule_after"]
     assert str(output / "training_curves.png") in text
 
