@@ -214,6 +214,13 @@ def test_summary_leads_with_the_reward_models_raw_score(ppo_run):
     assert summary["wall_time_s"] >= sum(r["time/step_s"] for r in rows)
     last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
     assert f"reward-model score {score['before']:.3f} -> {score['after']:.3f} ({result_block['verdict']}" in last_line
+    # the change's paired standard error over the same held-out prompts, recomputed from the samples file
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    diffs = [s["rm_score_after"] - s["rm_score_before"] for s in samples]
+    mean_diff = sum(diffs) / len(diffs)
+    error = (sum((d - mean_diff) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    assert score["standard_error"] == pytest.approx(error)
+    assert f"{score['change']:+.3f} +- {error:.3f}" in last_line
 
 
 def test_best_of_n_baseline_is_reported_beside_the_result(ppo_run):
