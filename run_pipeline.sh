@@ -151,7 +151,7 @@ run_stage rm "$OUT/rm" $LAUNCH reward_modeling.py --model_name_or_path "$RM_BASE
 
 # PPO: scores normalised with the reward model's stored mean/std, so the zero-initialised value head
 # starts at the reward's scale (unnormalised, the demo RM's scores sit near 7 and its value loss stayed
-# near 10 for all 12 steps; normalised, the demo rule score rose 0.806 -> 0.875 instead of staying flat).
+# near 10 for all 12 steps).
 RL_ALGO_ARGS=(--normalize_reward True)
 # GRPO / RLOO: NUM_GENERATIONS responses per prompt, compared within the group (PPO_BATCH counts responses).
 if [ "$ALGO" != ppo ]; then RL_ALGO_ARGS=(--advantage_estimator "$ALGO" --num_generations "${NUM_GENERATIONS:-4}"); fi
