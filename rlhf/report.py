@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
 
-from rlhf.demo_rule import check_response, extract_question
+from rlhf.demo_rule import check_response, extract_question, rule_reward
 from rlhf.errors import UserError, run_cli
 
 
@@ -78,10 +78,6 @@ def paired_change(before: list[float], after: list[float]) -> tuple[float, float
     return mean(diffs), stdev(diffs) / math.sqrt(len(diffs))
 
 
-def rule_scores(prompts: list[str], responses: list[str]) -> list[float]:
-    return [mean(float(v) for v in check_response(extract_question(p), r).values()) for p, r in zip(prompts, responses)]
-
-
 def one_line(text: str, limit: int = 160) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -96,8 +92,8 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
     prompts = [s["prompt"] for s in samples]
     rule_before = rule_summary(prompts, [s["response_before"] for s in samples])
     rule_after = rule_summary(prompts, [s["response_after"] for s in samples])
-    rule_change = paired_change(rule_scores(prompts, [s["response_before"] for s in samples]),
-                                rule_scores(prompts, [s["response_after"] for s in samples]))
+    rule_change = paired_change(rule_reward(prompts, [s["response_before"] for s in samples]),
+                                rule_reward(prompts, [s["response_after"] for s in samples]))
     has_scores = bool(samples) and all(s.get("rm_score_before") is not None and s.get("rm_score_after") is not None
                                        for s in samples)
     reward_change = (paired_change([s["rm_score_before"] for s in samples], [s["rm_score_after"] for s in samples])
