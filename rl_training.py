@@ -65,7 +65,7 @@ from rlhf.ppo import (
     ValueHead,
     load_value_head,
 )
-from rlhf.report import heldout_result, paired_change
+from rlhf.report import heldout_result, paired_change, within_noise
 from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.rollout import check_engine_available, make_engine
@@ -416,7 +416,7 @@ def result_line(steps: int, result: dict) -> str:
     if score["change"] is None:
         return f"Done: {steps} steps (no held-out evaluation: --eval_samples 0 or no held-out prompts)."
     error = score.get("standard_error")
-    noise = "" if error is None else f" +- {error:.3f}" + (", within noise" if abs(score["change"]) <= 2 * error else "")
+    noise = "" if error is None else f" +- {error:.3f}" + (", within noise" if within_noise(score["change"], error) else "")
     line = (f"Done: {steps} steps. Held-out {result['reward_source']} score {score['before']:.3f} -> "
             f"{score['after']:.3f} "
             f"({result['verdict']}, {score['change']:+.3f}{noise}); KL to reference {kl['before']:.3f} -> {kl['after']:.3f}; "
@@ -599,9 +599,7 @@ def main() -> None:
     result = heldout_result(first, last, reward_source(args),
                             extra={"finished": "eval/finished", "eos_penalty": "eval/eos_penalty",
                                    "training_score": "eval/scores"})
-    paired = None
-    if all(s["rm_score_before"] is not None and s["rm_score_after"] is not None for s in samples):
-        paired = paired_change([s["rm_score_before"] for s in samples], [s["rm_score_after"] for s in samples])
+    paired = paired_change([s["rm_score_before"] for s in samples], [s["rm_score_after"] for s in samples])
     if paired is not None:  # the change's paired standard error over the held-out prompts
         result["reward_score"]["standard_error"] = paired[1]
     if "best_of_n" in before and result["reward_score"]["after"] is not None:

@@ -67,15 +67,20 @@ def rule_summary(prompts: list[str], responses: list[str]) -> dict[str, float]:
     return summary
 
 
-def paired_change(before: list[float], after: list[float]) -> tuple[float, float] | None:
-    """Mean of ``after - before`` over the same prompts and its standard error (None below 2 prompts).
+def paired_change(before: list[float | None], after: list[float | None]) -> tuple[float, float] | None:
+    """Mean of ``after - before`` over the same prompts and its standard error (None below 2 prompts, or when
+    a score is missing).
 
     Before and after are sampled from the same prompts with the same seed, so the paired error is the
-    honest yardstick: a change inside two of them is what resampling alone can produce."""
-    diffs = [a - b for a, b in zip(after, before)]
-    if len(diffs) < 2:
+    honest yardstick: a change inside two of them is what resampling alone can produce (``within_noise``)."""
+    if len(before) < 2 or any(v is None for v in (*before, *after)):
         return None
+    diffs = [a - b for a, b in zip(after, before)]
     return mean(diffs), stdev(diffs) / math.sqrt(len(diffs))
+
+
+def within_noise(change: float, standard_error: float) -> bool:
+    return abs(change) <= 2 * standard_error
 
 
 def one_line(text: str, limit: int = 160) -> str:
@@ -94,10 +99,7 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
     rule_after = rule_summary(prompts, [s["response_after"] for s in samples])
     rule_change = paired_change(rule_reward(prompts, [s["response_before"] for s in samples]),
                                 rule_reward(prompts, [s["response_after"] for s in samples]))
-    has_scores = bool(samples) and all(s.get("rm_score_before") is not None and s.get("rm_score_after") is not None
-                                       for s in samples)
-    reward_change = (paired_change([s["rm_score_before"] for s in samples], [s["rm_score_after"] for s in samples])
-                     if has_scores else None)
+    reward_change = paired_change([s.get("rm_score_before") for s in samples], [s.get("rm_score_after") for s in samples])
     before, after = summary["eval_before"], summary["eval_after"]
     numbers = {
         "rm_accuracy": rm_eval.get("eval_accuracy"),
@@ -125,8 +127,7 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
         if change is None:
             return "n/a"
         delta, error = change
-        within = abs(delta) <= 2 * error
-        return f"{delta:+.3f} +- {error:.3f}" + (" (within noise)" if within else "")
+        return f"{delta:+.3f} +- {error:.3f}" + (" (within noise)" if within_noise(delta, error) else "")
 
     rm_line = (f"Reward model held-out accuracy: {fmt(numbers['rm_accuracy'])} "
                f"(mean margin {fmt(numbers['rm_mean_margin'])}, {numbers['rm_eval_samples']} pairs)"
