@@ -362,8 +362,9 @@ def evaluate(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Ten
 
 
 def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Tensor], columns: dict, n: int,
-              batch_size: int) -> float:
-    """Mean over held-out prompts of the best raw reward among ``n`` responses sampled from the current policy.
+              batch_size: int) -> tuple[float, list[float]]:
+    """Mean over held-out prompts of the best raw reward among ``n`` responses sampled from the current policy,
+    and this process's best per prompt (the trained policy's score is compared with it prompt by prompt).
 
     Only sampling and scoring: unlike ``evaluate`` no KL forward passes, which the baseline does not need."""
     start = time.perf_counter()
@@ -379,10 +380,11 @@ def best_of_n(trainer: PPOTrainer, prompts: list[str], prompt_ids: list[torch.Te
         raw = trainer.score(texts, trainer.generate(ids), **({"columns": group_columns} if columns else {})).raw
         best.append(raw.reshape(-1, n).max(dim=1).values)
     torch.set_rng_state(generator_state)
-    score = trainer.accelerator.reduce(torch.cat(best).mean().to(trainer.device), reduction="mean").item()
+    per_prompt = torch.cat(best)
+    score = trainer.accelerator.reduce(per_prompt.mean().to(trainer.device), reduction="mean").item()
     logger.info("Best-of-%d baseline (%d prompts x %d samples, %.1fs): raw score %.3f",
                 n, len(prompts), n, time.perf_counter() - start, score)
-    return score
+    return score, per_prompt.tolist()
 
 
 def warn_if_most_answers_are_cut(before: dict, config: PPOConfig) -> None:
@@ -409,6 +411,16 @@ def column(evaluation: dict, key: str, rows: int) -> list:
     return evaluation.get(key) or [None] * rows
 
 
+def baseline_verdict(baseline: dict) -> str:
+    """'beaten by RL by +m +- se', '..., within noise', or 'NOT beaten by RL' (margin: after - best-of-n, paired)."""
+    if not baseline["beaten"]:
+        return "NOT beaten by RL"
+    if baseline.get("standard_error") is None:
+        return "beaten by RL"
+    margin, error = baseline["margin"], baseline["standard_error"]
+    return f"beaten by RL by {margin:+.3f} +- {error:.3f}" + (", within noise" if within_noise(margin, error) else "")
+
+
 def result_line(steps: int, result: dict) -> str:
     """The run's last line: the raw held-out reward (the reward model's score) first, the penalty apart from it."""
     score, kl, penalty, length = (result[k] for k in ("reward_score", "kl_to_reference", "eos_penalty",
@@ -427,8 +439,7 @@ def result_line(steps: int, result: dict) -> str:
                  f"{100 * finished['after']:.0f}%")
     baseline = result.get("best_of_n")
     if baseline:
-        line += (f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} "
-                 f"({'beaten' if baseline['beaten'] else 'NOT beaten'} by RL)")
+        line += f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} ({baseline_verdict(baseline)})"
     if penalty["before"] or penalty["after"]:
         line += (f"; missing-EOS penalty {penalty['before']:.3f} -> {penalty['after']:.3f} "
                  "(shapes the training score, not part of the reward score)")
@@ -516,8 +527,10 @@ def main() -> None:
         before = evaluate(trainer, held_out, held_out_ids, held_out_columns, f"before {config.algorithm}",
                           eval_batch_size)
         if args.best_of_n and held_out:
-            before["best_of_n"] = {"n": args.best_of_n, "score": best_of_n(
-                trainer, held_out, held_out_ids, held_out_columns, args.best_of_n, eval_batch_size)}
+            score, per_prompt = best_of_n(trainer, held_out, held_out_ids, held_out_columns, args.best_of_n,
+                                          eval_batch_size)
+            before["best_of_n"] = {"n": args.best_of_n, "score": score}
+            before["best_of_n_scores"] = per_prompt
         if is_main:
             before_file.write_text(json.dumps(before))
     warn_if_most_answers_are_cut(before, config)
@@ -588,10 +601,12 @@ def main() -> None:
         tokenizer.save_pretrained(merged_dir)
     per_prompt = [column(evaluation, key, len(held_out))  # responses before, after, raw_scores before, ...
                   for key in ("responses", "raw_scores", "lengths", "finished") for evaluation in (before, after)]
+    best_scores = column(before, "best_of_n_scores", len(held_out))
     samples = [
         {"prompt": p, "response_before": rb, "response_after": ra, "rm_score_before": sb, "rm_score_after": sa,
-         "length_before": lb, "length_after": la, "finished_before": fb, "finished_after": fa}
-        for p, rb, ra, sb, sa, lb, la, fb, fa in zip(held_out, *per_prompt)
+         "length_before": lb, "length_after": la, "finished_before": fb, "finished_after": fa,
+         **({"rm_score_best_of_n_before": best} if "best_of_n" in before else {})}
+        for p, rb, ra, sb, sa, lb, la, fb, fa, best in zip(held_out, *per_prompt, best_scores)
     ]
     with (output_dir / "eval_samples.jsonl").open("w") as handle:
         handle.writelines(json.dumps(s) + "\n" for s in samples)
@@ -605,6 +620,10 @@ def main() -> None:
     if "best_of_n" in before and result["reward_score"]["after"] is not None:
         result["best_of_n"] = {**before["best_of_n"],
                                "beaten": result["reward_score"]["after"] > before["best_of_n"]["score"]}
+        margin = paired_change([s.get("rm_score_best_of_n_before") for s in samples],
+                               [s["rm_score_after"] for s in samples])
+        if margin is not None:  # after - best-of-n per prompt: is the win more than resampling noise?
+            result["best_of_n"]["margin"], result["best_of_n"]["standard_error"] = margin
     summary = {
         "result": result,
         "algorithm": config.algorithm.lower(),

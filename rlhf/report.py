@@ -147,8 +147,10 @@ def build_report(rm_dir: Path | None, ppo_dir: Path, num_examples: int = 3) -> t
     ]
     baseline = numbers["best_of_n"]
     if baseline:
+        margin = (baseline["margin"], baseline["standard_error"]) if "standard_error" in baseline else None
         lines.append(f"| best-of-{baseline['n']} from the starting policy (the baseline to beat) | "
-                     f"{fmt(baseline['score'])} | {'beaten' if baseline['beaten'] else 'NOT beaten'} | |")
+                     f"{fmt(baseline['score'])} | {'beaten' if baseline['beaten'] else 'NOT beaten'} | "
+                     f"{'' if margin is None else 'after - best-of-n: ' + fmt_change(margin)} |")
     for check in ("on_topic", "polite", "finished"):
         lines.append(f"| - {check} | {fmt(rule_before.get(check))} | {fmt(rule_after.get(check))} | |")
     lines += [

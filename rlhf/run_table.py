@@ -5,9 +5,13 @@ Reads each run's own ``summary.json`` (rl_training.py, or dpo_training.py with
 re-measured here. One row per run: the reward model's held-out score before -> after in its own
 units (a run trained on the normalised score is mapped back with the RM's stored mean/std; never the
 shaped training objective), its change, the best-of-n baseline from the starting
-policy and whether the run beat it, KL to the reference, response length before -> after, the fraction
+policy and whether the run beat it (by how much, paired per prompt, and whether that is inside twice its
+standard error), KL to the reference, response length before -> after, the fraction
 of answers that ended with EOS before -> after (the rest were cut at the length limit, so the reward
-model scored unfinished text), steps and wall time. The change carries its standard error from the run's
+model scored unfinished text), how many of the held-out answers after training are distinct (a policy
+that found one answer the reward model overrates, reward hacking, reads 5/64), steps and wall time. The
+reward model's line adds its accuracy on validation answers cut at the policy's length, when
+``rlhf.reward_accuracy`` wrote it into the RM's directory (run.sh does). The change carries its standard error from the run's
 ``eval_samples.jsonl`` (per prompt, score after - score before, paired: the same prompts before and
 after): with 32 held-out prompts it is about
 0.1 on hh-rlhf, larger than most changes a short run makes. Below the rows, per algorithm, the mean
@@ -32,11 +36,15 @@ from statistics import mean, stdev
 
 from rlhf.errors import UserError, run_cli
 from rlhf.plotting import plot_runs
+from rlhf.report import within_noise
 from rlhf.reward import CONFIG_MEAN_KEY, CONFIG_STD_KEY
+
+ACCURACY_FILE = "accuracy_by_answer_length.json"  # rlhf.reward_accuracy --output, in the RM's directory (run.sh)
 
 HEADER = ("| run | algorithm | RM score before -> after (held-out, RM's own units) | change (+- s.e.) "
           "| best-of-n (start policy) "
-          "| KL | length before -> after | finished (EOS) before -> after | steps | wall time | precision |")
+          "| KL | length before -> after | finished (EOS) before -> after | distinct answers after | steps | wall time "
+          "| precision |")
 
 
 @dataclass
@@ -70,7 +78,9 @@ def in_reward_model_units(summary: dict, stats: tuple[float, float] | None, run_
              for k, v in result["reward_score"].items()}
     converted = {**result, "reward_score": score, "reward_source": "reward-model"}
     if result.get("best_of_n"):
-        converted["best_of_n"] = {**result["best_of_n"], "score": result["best_of_n"]["score"] * std + mean}
+        baseline = result["best_of_n"]
+        converted["best_of_n"] = {**baseline, "score": baseline["score"] * std + mean,
+                                  **{k: baseline[k] * std for k in ("margin", "standard_error") if k in baseline}}
     return {**summary, "result": converted, "score_scale": std}
 
 
@@ -103,12 +113,33 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def baseline_cell(baseline: dict) -> str:
+    """'NOT beaten', 'beaten', or, with the paired margin (after - best-of-n per prompt) of newer runs,
+    'beaten by +m +- se' and ', within noise' when the margin is inside twice its standard error."""
+    if not baseline["beaten"]:
+        return "NOT beaten"
+    if baseline.get("standard_error") is None:
+        return "beaten"
+    margin, error = baseline["margin"], baseline["standard_error"]
+    return f"beaten by {margin:+.3f} +- {error:.3f}" + (", within noise" if within_noise(margin, error) else "")
+
+
+def distinct_answers(run_dir: Path) -> str:
+    """'distinct / all' held-out answers after training, from eval_samples.jsonl: a policy that collapsed onto
+    a few answers the reward model likes (reward hacking) shows here before anyone reads the samples."""
+    path = run_dir / "eval_samples.jsonl"
+    if not path.is_file():
+        return "n/a"
+    answers = [json.loads(line).get("response_after") for line in path.read_text().splitlines() if line.strip()]
+    answers = [" ".join(a.split()) for a in answers if a is not None]
+    return f"{len(set(answers))}/{len(answers)}" if answers else "n/a"
+
+
 def run_row(name: str, summary: dict) -> str:
     result = summary["result"]
     score, kl, length = result["reward_score"], result["kl_to_reference"], result["response_length"]
     baseline = result.get("best_of_n")
-    best = ("n/a" if not baseline else
-            f"{baseline['score']:.3f} (n={baseline['n']}, {'beaten' if baseline['beaten'] else 'NOT beaten'})")
+    best = "n/a" if not baseline else f"{baseline['score']:.3f} (n={baseline['n']}, {baseline_cell(baseline)})"
     wall = summary.get("wall_time_s")
     finished = result.get("finished", {})  # absent in runs written before the column existed
     change = "n/a" if score["change"] is None else f"{score['change']:+.3f}"
@@ -117,7 +148,8 @@ def run_row(name: str, summary: dict) -> str:
     cells = (name, summary.get("algorithm", "?"), f"{fmt(score['before'])} -> {fmt(score['after'])}",
              change, best, fmt(kl["after"], 2),
              f"{fmt(length['before'], 1)} -> {fmt(length['after'], 1)}",
-             f"{percent(finished.get('before'))} -> {percent(finished.get('after'))}", str(summary.get("steps", "?")),
+             f"{percent(finished.get('before'))} -> {percent(finished.get('after'))}", summary["distinct_after"],
+             str(summary.get("steps", "?")),
              "n/a" if wall is None else f"{wall / 60:.1f} min", summary.get("precision", "n/a"))
     return "| " + " | ".join(cells) + " |"
 
@@ -164,19 +196,32 @@ def noise_verdict(changes: list[float], spread: float, standard_error: float | N
     return verdict
 
 
+def accuracy_by_length(rm_dir: Path) -> str:
+    """'; on answers cut at N tokens: a (c% of pairs cut), ...' from rlhf.reward_accuracy's output, when written:
+    the policy is judged on answers of its own length, not on the whole answers of the RM's evaluation."""
+    path = rm_dir / ACCURACY_FILE
+    if not path.is_file():
+        return ""
+    figures = json.loads(path.read_text())
+    cuts = sorted((int(key.rsplit("_", 1)[1]), row) for key, row in figures.items() if key.startswith("answers_cut_at_"))
+    return "".join(f"; on answers cut at {tokens} tokens {row['accuracy']:.3f} ({percent(row['cut'])} of pairs cut)"
+                   for tokens, row in cuts)
+
+
 def build_table(run_dirs: list[Path], rm_dir: Path | None) -> str:
     stats = reward_model_stats(rm_dir) if rm_dir is not None else None
     summaries = {run_dir.name: in_reward_model_units(read_summary(run_dir), stats, run_dir) for run_dir in run_dirs}
     for run_dir in run_dirs:
         summary = summaries[run_dir.name]
         summary["change_se"] = change_standard_error(run_dir, summary["score_scale"])
+        summary["distinct_after"] = distinct_answers(run_dir)
     lines = []
     if rm_dir is not None:
         path = rm_dir / "eval_results.json"
         if not path.is_file():
             raise UserError(f"{path} does not exist; pass the reward model's output directory as --rm_dir")
         accuracy = json.loads(path.read_text()).get("eval_accuracy")
-        lines += [f"Reward model: held-out accuracy {fmt(accuracy)} ({rm_dir})", ""]
+        lines += [f"Reward model: held-out accuracy {fmt(accuracy)} ({rm_dir}){accuracy_by_length(rm_dir)}", ""]
     lines += [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     lines += [run_row(name, summary) for name, summary in summaries.items()]
     lines += ["", *algorithm_lines(summaries)]

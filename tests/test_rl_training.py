@@ -230,10 +230,23 @@ def test_best_of_n_baseline_is_reported_beside_the_result(ppo_run):
     assert baseline["n"] == 3 and baseline["beaten"] == (score["after"] > baseline["score"])
     last_line = [line for line in result.stderr.splitlines() if "Done: 4 steps" in line][-1]
     assert f"best-of-3 from the starting policy {baseline['score']:.3f}" in last_line
+    # the margin over the baseline is paired per prompt, recomputed here from eval_samples.jsonl
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    diffs = [r["rm_score_after"] - r["rm_score_best_of_n_before"] for r in rows]
+    mean_diff = sum(diffs) / len(diffs)
+    assert baseline["margin"] == pytest.approx(mean_diff)
+    assert baseline["margin"] == pytest.approx(score["after"] - baseline["score"], abs=1e-5)
+    error = (sum((d - mean_diff) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    assert baseline["standard_error"] == pytest.approx(error)
+    if baseline["beaten"]:
+        assert f"beaten by RL by {baseline['margin']:+.3f} +- {error:.3f}" in last_line
+    else:
+        assert "NOT beaten by RL" in last_line
     from rlhf.report import build_report
 
     text, numbers = build_report(None, out)
     assert numbers["best_of_n"] == baseline and "| best-of-3 from the starting policy" in text
+    assert f"after - best-of-n: {baseline['margin']:+.3f} +- {baseline['standard_error']:.3f}" in text
 
 
 def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
@@ -262,10 +275,11 @@ def test_best_of_n_keeps_the_best_response_of_each_prompt(tiny_model_dir):
         return scores
 
     trainer.score = recording_score
-    score = rl_training.best_of_n(trainer, prompts, ids, {}, 4, trainer.config.batch_size)
+    score, per_prompt = rl_training.best_of_n(trainer, prompts, ids, {}, 4, trainer.config.batch_size)
     samples = seen
     assert [s["prompt"] for s in samples] == [p for p in prompts for _ in range(4)]
     best = [max(s["raw_score"] for s in samples[i * 4 : i * 4 + 4]) for i in range(3)]
+    assert per_prompt == pytest.approx(best)
     assert score == pytest.approx(sum(best) / 3)
     assert score > sum(s["raw_score"] for s in samples) / len(samples)  # lengths vary: the best beats the mean
 

@@ -52,8 +52,8 @@ def test_rows_lead_with_the_raw_score_and_say_when_the_baseline_was_not_beaten(t
     table = build_table(runs, tmp_path / "rm")
     assert "held-out accuracy 0.691" in table
     assert ("| grpo-seed0 | grpo | 0.500 -> 0.900 | +0.400 | 0.800 (n=4, beaten) | 1.25 | 47.0 -> 45.5 | 62% -> 25% "
-            "| 20 | 10.0 min |") in table
-    assert "| 47.0 -> 45.5 | n/a -> n/a | 20 |" in table  # a run written before the finish fraction was recorded
+            "| n/a | 20 | 10.0 min |") in table
+    assert "| 47.0 -> 45.5 | n/a -> n/a | n/a | 20 |" in table  # a run written before the finish fraction was recorded
     assert "0.850 (n=4, NOT beaten)" in table
     assert "| dpo-seed0 | dpo | 0.400 -> 0.300 | -0.100 | n/a |" in table and "| n/a |" in table
     assert ("- grpo: mean change +0.250 over 2 run(s), spread 0.300; raised in every run, but by less than the "
@@ -116,3 +116,34 @@ def test_cli_writes_the_table_and_one_plot_of_all_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert output.read_text() in result.stdout and "rloo-seed1" in output.read_text()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_baseline_margin_is_paired_and_collapsed_answers_show(tmp_path):
+    """The best-of-n cell carries the run's paired margin (after - best-of-n per prompt, in RM units) and says
+    'within noise' inside two standard errors; the distinct-answers cell counts answers after training,
+    whitespace-normalised, so a policy that says "I don't know." to every prompt reads 1/4."""
+    clear = write_run(tmp_path / "grpo-seed0", "grpo", 0.2, 1.2, best=0.7)
+    close = write_run(tmp_path / "grpo-seed1", "grpo", 0.2, 0.75, best=0.7)
+    for run, margin, error, answers in ((clear, 0.5, 0.07, ["I don't know."] * 3 + ["I  don't know. "]),
+                                        (close, 0.05, 0.04, ["a", "b", "c", "a"])):
+        summary = json.loads((run / "summary.json").read_text())
+        summary["result"]["best_of_n"].update(margin=margin, standard_error=error)
+        summary["result"]["reward_source"] = "reward-model (normalised with its stored mean/std)"
+        (run / "summary.json").write_text(json.dumps(summary))
+        rows = [{"prompt": f"p{i}", "response_after": a, "rm_score_before": 0.2, "rm_score_after": 0.3}
+                for i, a in enumerate(answers)]
+        (run / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.683}))
+    (rm / "config.json").write_text(json.dumps({"reward_mean": 1.0, "reward_std": 2.0}))
+    (rm / "accuracy_by_answer_length.json").write_text(json.dumps(
+        {"pairs": 300, "whole_answers": {"accuracy": 0.687}, "answers_cut_at_128": {"accuracy": 0.673, "cut": 0.11},
+         "answers_cut_at_48": {"accuracy": 0.57, "cut": 0.5}}))
+    table = build_table([clear, close], rm)
+    assert ("held-out accuracy 0.683 (" + str(rm) + "); on answers cut at 48 tokens 0.570 (50% of pairs cut); "
+            "on answers cut at 128 tokens 0.673 (11% of pairs cut)") in table
+    # scores z * 2 + 1, margins and errors * 2
+    assert "| 2.400 (n=4, beaten by +1.000 +- 0.140) |" in table and "| 62% -> 25% |" not in table
+    assert "| 2.400 (n=4, beaten by +0.100 +- 0.080, within noise) |" in table
+    assert "| n/a -> n/a | 1/4 | 20 |" in table and "| n/a -> n/a | 3/4 | 20 |" in table
