@@ -3,7 +3,7 @@
 The real data (../shared/data/hh-rlhf-harmless) is never needed: the rows below have its format
 ("\\n\\nHuman: ...\\n\\nAssistant: ..." chosen/rejected dialogues sharing the prompt). The recipe's YAML
 files are parsed by the real scripts, so a typo in one fails here; the stages are shrunk with the
-recipe's own RM_ARGS / RL_ARGS / DPO_ARGS.
+recipe's own RM_ARGS / SFT_ARGS / RL_ARGS / DPO_ARGS.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def recipe_env(tiny_model_dir: str, out: Path, **extra: str) -> dict:
         "BASE_MODEL": tiny_model_dir, "OUT": str(out), "VALID_ROWS": "8", "SEEDS": "0", "ALGOS": "grpo ppo dpo",
         "RM_ARGS": "--max_train_samples 16 --per_device_train_batch_size 4 --max_length 64 --reward_stats_samples 8 "
                    "--disable_tqdm true",
+        "SFT_ARGS": "--max_steps 2 --per_device_train_batch_size 4 --max_seq_length 64 --max_source_length 32 "
+                    "--disable_tqdm true",
+        "ANSWER_TOKENS": "4 16",
         "RL_ARGS": "--steps 1 --batch_size 8 --mini_batch_size 4 --eval_samples 4 --best_of_n 2 --output_max_length 4 "
                    "--save_freq 1",
         "DPO_ARGS": "--max_steps 1 --per_device_train_batch_size 4 --max_length 64 --max_prompt_length 32 "
@@ -82,7 +85,25 @@ def test_every_run_lands_in_one_table_scored_by_the_same_reward_model(recipe_run
         assert f"| {name} | {algorithm} | {score['before']:.3f} -> {score['after']:.3f} |" in table
     assert "(n=2," in table  # the RL rows carry the best-of-2 baseline
     assert (out / "curves.png").is_file()
-    assert result.stdout.count("started") == 4  # rm + three runs
+    assert result.stdout.count("started") == 5  # rm, sft + three runs
+    assert "on answers cut at 4 tokens" in table and "on answers cut at 16 tokens" in table
+
+
+def test_policy_runs_start_from_the_merged_sft_policy(recipe_run):
+    """SFT on the training rows' chosen answers, merged into a plain model, is what every RL and DPO run loads:
+    their adapters name it as their base, and it differs from the base model (the SFT steps moved it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, out, env, result = recipe_run
+    merged = out / "sft-merged"
+    assert f"policy runs start from the SFT policy {merged}" in result.stdout
+    for name in ("grpo-seed0", "ppo-seed0", "dpo-seed0"):
+        adapter = json.loads((out / name / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(merged)
+    tuned, base = load_file(merged / "model.safetensors"), load_file(Path(env["BASE_MODEL"]) / "model.safetensors")
+    assert any(not torch.equal(tuned[k].float(), base[k].float()) for k in base if k in tuned)
+    assert (out / "sft" / "adapter_config.json").is_file()  # the LoRA adapter sft.yaml trains, kept beside
 
 
 def test_precision_follows_the_hardware_and_reaches_every_stage(recipe_run):
@@ -102,7 +123,7 @@ def test_rerun_skips_finished_stages_and_keeps_every_run_in_the_table(recipe_run
     result = subprocess.run([str(SCRIPT), str(data)], cwd=REPO, env={**env, "ALGOS": "grpo"}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("already complete") == 2 and "started" not in result.stdout  # rm, grpo-seed0
+    assert result.stdout.count("already complete") == 3 and "started" not in result.stdout  # rm, sft, grpo-seed0
     table = (out / "table.md").read_text()
     for name in ("grpo-seed0", "ppo-seed0", "dpo-seed0"):  # earlier runs stay in the table
         assert f"| {name} |" in table
@@ -112,6 +133,7 @@ def test_rerun_skips_finished_stages_and_keeps_every_run_in_the_table(recipe_run
     ({"ALGOS": "ppo sft"}, "ALGOS has 'sft'"),
     ({"VALID_ROWS": "40"}, "it needs more than VALID_ROWS=40"),
     ({"BF16": "yes"}, "BF16=yes; use auto, true or false"),
+    ({"START": "rm"}, "START=rm; use sft or base"),
     ({"DATA": "missing"}, "missing/train.jsonl does not exist"),
 ])
 def test_bad_settings_exit_2_with_one_line(recipe_run, tmp_path, setting, fragment):

@@ -5,12 +5,15 @@
 #   make recipe-hh HH_DATA=../shared/data/hh-rlhf-harmless
 #   configs/recipes/hh-rlhf/run.sh DATA_DIR        (DATA_DIR holds train.jsonl: hh-rlhf rows, chosen/rejected)
 #
-# The last VALID_ROWS (300) rows of DATA_DIR/train.jsonl are the validation split (RM accuracy, held-out
+# Stages: the reward model, SFT on the training rows' chosen answers (merged into a plain model: the start of
+# every policy run; START=base starts them from BASE_MODEL instead, as the rows before 2026-12-03 did), then
+# the policy runs. The last VALID_ROWS (300) rows of DATA_DIR/train.jsonl are the validation split (RM accuracy, held-out
 # prompts of every RL/DPO evaluation and the best-of-n baseline); the rows before them train.
-# Variables: OUT (outputs/recipe-hh), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: RL runs at a time;
+# Variables: OUT (outputs/recipe-hh), START (sft), ANSWER_TOKENS (128: the answer length at which the RM's
+# accuracy on the validation pairs is also measured, the RL configs' output_max_length), ALGOS ("grpo rloo ppo dpo"), SEEDS ("0 1"), JOBS (1: RL runs at a time;
 # JOBS=2 on a 2-core machine runs two single-threaded; DPO runs go alone, with every core),
 # BASE_MODEL (models/SmolLM2-135M-Instruct), BF16 (auto: bf16 where the hardware computes in it, a CPU
-# with AMX/AVX512-BF16 or a bf16 GPU, else fp32; true/false force it), RM_ARGS / RL_ARGS / DPO_ARGS (extra
+# with AMX/AVX512-BF16 or a bf16 GPU, else fp32; true/false force it), RM_ARGS / SFT_ARGS / RL_ARGS / DPO_ARGS (extra
 # flags, word-split). Finished stages are skipped when re-run.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -25,12 +28,15 @@ JOBS=${JOBS:-1}
 VALID_ROWS=${VALID_ROWS:-300}
 BASE_MODEL=${BASE_MODEL:-models/SmolLM2-135M-Instruct}
 BF16=${BF16:-auto}
+START=${START:-sft}
+ANSWER_TOKENS=${ANSWER_TOKENS:-128}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
 if [ ! -f "$DATA_DIR/train.jsonl" ]; then
     echo "recipe-hh: error: $DATA_DIR/train.jsonl does not exist; pass the folder holding the hh-rlhf rows" >&2
     exit 2
 fi
+case "$START" in sft|base) ;; *) echo "recipe-hh: error: START=$START; use sft or base" >&2; exit 2 ;; esac
 for algo in $ALGOS; do
     case "$algo" in ppo|grpo|rloo|dpo) ;; *) echo "recipe-hh: error: ALGOS has '$algo'; use ppo, grpo, rloo, dpo" >&2; exit 2 ;; esac
 done
@@ -85,6 +91,28 @@ stage() {
 stage rm "$OUT/rm" "$PY" reward_modeling.py "$RECIPE/rm.yaml" --model_name_or_path "$BASE_MODEL" --bf16 "$BF16" "${DATA[@]}" \
     ${RM_ARGS:-}
 grep -h "eval_accuracy" "$OUT/rm/eval_results.json" || true
+# The RM's accuracy on validation answers cut at the policies' --output_max_length: what it judges them on.
+if [ ! -f "$OUT/rm/accuracy_by_answer_length.json" ]; then
+    "$PY" -m rlhf.reward_accuracy --rm_dir "$OUT/rm" --pairs_file "$OUT/data/valid.jsonl" --bf16 "$BF16" \
+        --answer_tokens $ANSWER_TOKENS --output "$OUT/rm/accuracy_by_answer_length.json.part" > "$OUT/logs/rm-accuracy.log" 2>&1 \
+        || { tail -n 3 "$OUT/logs/rm-accuracy.log" >&2; echo "recipe-hh: the RM accuracy by answer length failed (log: $OUT/logs/rm-accuracy.log)" >&2; exit 1; }
+    mv "$OUT/rm/accuracy_by_answer_length.json.part" "$OUT/rm/accuracy_by_answer_length.json"
+    grep -h "answers cut at" "$OUT/logs/rm-accuracy.log" | sed 's/^.*INFO /== RM: /' || true
+fi
+
+POLICY=$BASE_MODEL
+if [ "$START" = sft ]; then
+    stage sft "$OUT/sft" "$PY" finetune_clm.py "$RECIPE/sft.yaml" --model_name_or_path "$BASE_MODEL" --bf16 "$BF16" \
+        --train_file "$OUT/data/train.jsonl" ${SFT_ARGS:-}
+    POLICY=$OUT/sft-merged
+    if [ ! -f "$OUT/.done-sft-merge" ]; then
+        "$PY" merge_peft_adapter.py --adapter_model_name "$OUT/sft" --base_model_name "$BASE_MODEL" \
+            --output_name "$POLICY" --overwrite_output_dir true > "$OUT/logs/sft-merge.log" 2>&1 \
+            || { tail -n 3 "$OUT/logs/sft-merge.log" >&2; echo "recipe-hh: merging the SFT adapter failed (log: $OUT/logs/sft-merge.log)" >&2; exit 1; }
+        touch "$OUT/.done-sft-merge"
+    fi
+    echo "== policy runs start from the SFT policy $POLICY"
+fi
 
 # The policy runs: JOBS at a time; with JOBS > 1 each gets an equal share of the cores.
 threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
@@ -94,10 +122,10 @@ for algo in $ALGOS; do
         name=$algo-seed$seed
         names+=("$name")
         if [ "$algo" = dpo ]; then
-            cmd=("$PY" dpo_training.py "$RECIPE/dpo.yaml" --model_name_or_path "$BASE_MODEL" --seed "$seed" --bf16 "$BF16"
+            cmd=("$PY" dpo_training.py "$RECIPE/dpo.yaml" --model_name_or_path "$POLICY" --seed "$seed" --bf16 "$BF16"
                  --heldout_reward_model "$OUT/rm" "${DATA[@]}" ${DPO_ARGS:-})
         else
-            cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$BASE_MODEL" --seed "$seed" --bf16 "$BF16"
+            cmd=("$PY" rl_training.py "$RECIPE/$algo.yaml" --model_name "$POLICY" --seed "$seed" --bf16 "$BF16"
                  --reward_model_name "$OUT/rm" "${DATA[@]}" ${RL_ARGS:-})
         fi
         if [ "$algo" = dpo ]; then
@@ -121,4 +149,5 @@ done
 # The table: every finished run in OUT, this invocation's and those of earlier ones with other ALGOS or SEEDS.
 runs=()
 for done in "$OUT"/.done-*-seed*; do [ -e "$done" ] && runs+=("$OUT/${done##*/.done-}"); done
+if [ "${#runs[@]}" = 0 ]; then echo "== no policy runs in $OUT yet (ALGOS is empty): no table"; exit 0; fi
 "$PY" -m rlhf.run_table --rm_dir "$OUT/rm" --runs "${runs[@]}" --output "$OUT/table.md"
