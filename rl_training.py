@@ -65,7 +65,7 @@ from rlhf.ppo import (
     ValueHead,
     load_value_head,
 )
-from rlhf.report import heldout_result, paired_change, within_noise
+from rlhf.report import baseline_verdict, heldout_result, paired_change, within_noise
 from rlhf.reward import RewardScorer, check_reward_model_config
 from rlhf.reward_functions import CombinedReward, import_reward_fn
 from rlhf.rollout import check_engine_available, make_engine
@@ -411,16 +411,6 @@ def column(evaluation: dict, key: str, rows: int) -> list:
     return evaluation.get(key) or [None] * rows
 
 
-def baseline_verdict(baseline: dict) -> str:
-    """'beaten by RL by +m +- se', '..., within noise', or 'NOT beaten by RL' (margin: after - best-of-n, paired)."""
-    if not baseline["beaten"]:
-        return "NOT beaten by RL"
-    if baseline.get("standard_error") is None:
-        return "beaten by RL"
-    margin, error = baseline["margin"], baseline["standard_error"]
-    return f"beaten by RL by {margin:+.3f} +- {error:.3f}" + (", within noise" if within_noise(margin, error) else "")
-
-
 def result_line(steps: int, result: dict) -> str:
     """The run's last line: the raw held-out reward (the reward model's score) first, the penalty apart from it."""
     score, kl, penalty, length = (result[k] for k in ("reward_score", "kl_to_reference", "eos_penalty",
@@ -439,7 +429,7 @@ def result_line(steps: int, result: dict) -> str:
                  f"{100 * finished['after']:.0f}%")
     baseline = result.get("best_of_n")
     if baseline:
-        line += f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} ({baseline_verdict(baseline)})"
+        line += f"; best-of-{baseline['n']} from the starting policy {baseline['score']:.3f} ({baseline_verdict(baseline, ' by RL')})"
     if penalty["before"] or penalty["after"]:
         line += (f"; missing-EOS penalty {penalty['before']:.3f} -> {penalty['after']:.3f} "
                  "(shapes the training score, not part of the reward score)")

@@ -83,6 +83,18 @@ def within_noise(change: float, standard_error: float) -> bool:
     return abs(change) <= 2 * standard_error
 
 
+def baseline_verdict(baseline: dict, winner: str = "") -> str:
+    """'NOT beaten', 'beaten', or, where the run recorded its paired margin (after - best-of-n per prompt),
+    'beaten by +m +- se' and ', within noise' inside two standard errors. ``winner``: ' by RL' in a run's line."""
+    if not baseline["beaten"]:
+        return f"NOT beaten{winner}"
+    if baseline.get("standard_error") is None:
+        return f"beaten{winner}"
+    margin, error = baseline["margin"], baseline["standard_error"]
+    return (f"beaten{winner} by {margin:+.3f} +- {error:.3f}"
+            + (", within noise" if within_noise(margin, error) else ""))
+
+
 def one_line(text: str, limit: int = 160) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -36,7 +36,7 @@ from statistics import mean, stdev
 
 from rlhf.errors import UserError, run_cli
 from rlhf.plotting import plot_runs
-from rlhf.report import within_noise
+from rlhf.report import baseline_verdict
 from rlhf.reward import CONFIG_MEAN_KEY, CONFIG_STD_KEY
 
 ACCURACY_FILE = "accuracy_by_answer_length.json"  # rlhf.reward_accuracy --output, in the RM's directory (run.sh)
@@ -113,17 +113,6 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def baseline_cell(baseline: dict) -> str:
-    """'NOT beaten', 'beaten', or, with the paired margin (after - best-of-n per prompt) of newer runs,
-    'beaten by +m +- se' and ', within noise' when the margin is inside twice its standard error."""
-    if not baseline["beaten"]:
-        return "NOT beaten"
-    if baseline.get("standard_error") is None:
-        return "beaten"
-    margin, error = baseline["margin"], baseline["standard_error"]
-    return f"beaten by {margin:+.3f} +- {error:.3f}" + (", within noise" if within_noise(margin, error) else "")
-
-
 def distinct_answers(run_dir: Path) -> str:
     """'distinct / all' held-out answers after training, from eval_samples.jsonl: a policy that collapsed onto
     a few answers the reward model likes (reward hacking) shows here before anyone reads the samples."""
@@ -139,7 +128,7 @@ def run_row(name: str, summary: dict) -> str:
     result = summary["result"]
     score, kl, length = result["reward_score"], result["kl_to_reference"], result["response_length"]
     baseline = result.get("best_of_n")
-    best = "n/a" if not baseline else f"{baseline['score']:.3f} (n={baseline['n']}, {baseline_cell(baseline)})"
+    best = "n/a" if not baseline else f"{baseline['score']:.3f} (n={baseline['n']}, {baseline_verdict(baseline)})"
     wall = summary.get("wall_time_s")
     finished = result.get("finished", {})  # absent in runs written before the column existed
     change = "n/a" if score["change"] is None else f"{score['change']:+.3f}"
