@@ -51,7 +51,7 @@ def plot_trainer_history(log_history: list[dict], output_dir: str | Path, extra_
     return plot_curves(log_history, keys, Path(output_dir) / "training_curves.png")
 
 
-RUN_CURVE_KEYS = ("objective/raw_scores", "objective/kl", "response/length")
+RUN_CURVE_KEYS = ("objective/raw_scores", "objective/kl", "response/length", "response/ended_with_eos")
 
 
 def plot_runs(metrics_files: dict[str, Path], path: str | Path, keys: tuple[str, ...] = RUN_CURVE_KEYS) -> Path | None:

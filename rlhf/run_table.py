@@ -17,7 +17,8 @@ after): with 32 held-out prompts it is about
 0.1 on hh-rlhf, larger than most changes a short run makes. Below the rows, per algorithm, the mean
 change over its runs (seeds) with its standard error, their spread (max - min: the run-to-run noise),
 and whether the mean change exceeds both the spread and twice the standard error.
-Also writes ``curves.png`` beside the table: the raw training score and KL per step of every RL run.
+Also writes ``curves.png`` beside the table: the raw training score, KL, answer length and the fraction of
+answers ending with EOS per step of every RL run.
 
 Usage::
 
