@@ -37,6 +37,9 @@ $(VENV)/.installed-deepspeed: $(VENV)/.installed requirements-deepspeed.txt
 
 BUILD_DS_OPS := PATH="$(abspath $(VENV))/bin:$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" \
 	$(PY) -m rlhf.deepspeed_ops
+# A build killed half-way (Ctrl-C, a timeout) leaves torch's lock file, and every DeepSpeed job then waits on it
+# for ever: make test removes such a stale lock first (rlhf/deepspeed_ops.py).
+CLEAR_DS_LOCKS := TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions" $(PY) -m rlhf.deepspeed_ops --remove_stale_locks
 $(VENV)/.built-deepspeed-ops: $(VENV)/.installed-deepspeed
 	$(BUILD_DS_OPS)
 	touch $@
@@ -53,6 +56,7 @@ PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
 # The comm op compiles (about 40 s, mostly on one core) beside the first tests rather than before them: a
 # DeepSpeed test that starts first waits on torch's build lock, and a failed build fails make test.
 test: setup-dev $(VENV)/.installed-deepspeed
+	@$(CLEAR_DS_LOCKS)
 	@if [ -f $(VENV)/.built-deepspeed-ops ]; then ops=; else \
 		( $(BUILD_DS_OPS) && touch $(VENV)/.built-deepspeed-ops ) & ops=$$!; fi; \
 	rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) tests || rc=$$?; \
