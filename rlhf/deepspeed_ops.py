@@ -42,6 +42,11 @@ def remove_stale_locks(root: Path, max_age_s: float = STALE_LOCK_S, now: float |
     return removed
 
 
+def report_stale_locks_removed() -> None:
+    for lock in remove_stale_locks(build_root()):
+        print(f"removed {lock}: an interrupted build's lock, on which every DeepSpeed run would wait")
+
+
 def build_ops() -> str:
     """Compile the C++ ops DeepSpeed builds at run time on this machine (on CPU: the shared-memory
     comm op, about 60 s), into ``TORCH_EXTENSIONS_DIR``, so that runs and tests reuse them."""
@@ -50,8 +55,7 @@ def build_ops() -> str:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return f"nothing to build ahead for the {accelerator.device_name()} accelerator"
-    for lock in remove_stale_locks(build_root()):
-        print(f"removed {lock}: an interrupted build's lock, on which every DeepSpeed run would wait")
+    report_stale_locks_removed()
     import importlib
 
     build_shm_op = importlib.import_module("deepspeed.comm.torch").build_shm_op  # not the `torch` name in deepspeed.comm
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remove_stale_locks", action="store_true",
                         help="only delete the build locks an interrupted build left (make test runs this first)")
     if parser.parse_args(argv).remove_stale_locks:
-        for lock in remove_stale_locks(build_root()):
-            print(f"removed {lock}: an interrupted build's lock, on which every DeepSpeed run would wait")
+        report_stale_locks_removed()
     else:
         print(build_ops())
 
