@@ -10,7 +10,7 @@ between transformers 4.55 / peft 0.17 (Gaudi stack) and transformers 5 / peft 0.
 
 Pieces (each a short function, unit-tested):
     masked_mean / masked_var / masked_whiten        statistics over real (mask=1) entries only
-    logprobs_from_logits / entropy_from_logits      token log-probs and entropy from logits
+    logprobs_and_entropy                            token log-probs and entropy from one log_softmax
     truncate_after_eos                              cut sampled responses after the first EOS
     compute_rewards                                 per-token KL penalty + score on the last token
     compute_gae                                     generalised advantage estimation (PPO)
@@ -76,8 +76,8 @@ from rlhf.policy_loss import (
 from rlhf.rollout import HFEngine, Rollout, RolloutEngine, SamplingParams
 from rlhf.sequences import (
     ends_with_eos,
-    entropy_from_logits,
     is_peft_model,
+    logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     pad_sequences,
@@ -139,6 +139,12 @@ class FixedKLController:
 # --------------------------------------------------------------------------------------------
 # Model wrappers
 # --------------------------------------------------------------------------------------------
+
+
+def _last_columns(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """``tensor[:, -n:]`` (all of it when ``n`` is 0), without a slice when the width is already ``n``:
+    even a full-width slice records a backward that zero-fills a logits-sized gradient."""
+    return tensor if not n or tensor.shape[1] == n else tensor[:, -n:]
 
 
 def _keep_kwargs(model: nn.Module, logits_to_keep: int) -> dict:
@@ -234,12 +240,10 @@ class PolicyWithValueHead(nn.Module):
             return_dict=True,
             **_keep_kwargs(self.model, logits_to_keep),
         )
-        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        logits = _last_columns(out.logits, logits_to_keep)
         if self.value_head is None:
             return logits, None
-        hidden = out.hidden_states[-1]
-        hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        return logits, self.value_head(hidden)
+        return logits, self.value_head(_last_columns(out.hidden_states[-1], logits_to_keep))
 
     @torch.no_grad()
     def reference_logits(
@@ -259,7 +263,7 @@ class PolicyWithValueHead(nn.Module):
             )
         else:
             logits = self.ref_model(**kwargs, **_keep_kwargs(self.ref_model, logits_to_keep)).logits
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
+        return _last_columns(logits, logits_to_keep)
 
     def save_pretrained(self, output_dir: str, state_dict: Optional[dict] = None, **kwargs) -> None:
         """Save the model (only the adapter for a ``PeftModel``) and, with a critic, ``value_head.safetensors``.
@@ -756,17 +760,19 @@ class PPOTrainer:
         }
 
     @staticmethod
-    def _response_slice(tensor: torch.Tensor, response_width: int) -> torch.Tensor:
-        """Columns whose outputs predict response tokens 0..R-1 (and the values of those states).
+    def _response_inputs(batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows``' inputs without the last column: the last R positions of what is left are exactly
+        those whose outputs predict response tokens 0..R-1 (and the values of those states).
 
-        They are the last R + 1 columns but the very last, so this works on full-width outputs and on
-        outputs computed for the last R + 1 positions only (``logits_to_keep``).
-        """
-        return tensor[:, -(response_width + 1) : -1]
+        The model is causal, so dropping the last token changes no earlier output; with ``logits_to_keep=R``
+        the LM head then runs on those R positions and nothing needs slicing (a slice of the logits costs
+        a vocabulary-sized zero-filled gradient in the backward)."""
+        return batch["input_ids"][rows, :-1], batch["attention_mask"][rows, :-1], batch["position_ids"][rows, :-1]
 
-    def _sampling_logits(self, logits: torch.Tensor, response_width: int) -> torch.Tensor:
-        """The response positions' logits of the distribution responses are sampled from (``/ temperature``)."""
-        return self._response_slice(logits, response_width).float() / self.config.temperature
+    def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the distribution responses are sampled from (``/ temperature``), float32."""
+        logits = logits.float()
+        return logits if self.config.temperature == 1.0 else logits / self.config.temperature
 
     def policy_pass(self, batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor]:
         """(sampling logits, values) at the response positions of ``rows``, through ``self.model``.
@@ -775,11 +781,9 @@ class PPOTrainer:
         with dropout off (eval mode), so the ratio is exactly 1 before the first update of a step
         whatever ``lora_dropout`` is."""
         r = batch["response_ids"].shape[1]
-        # Logits only for the R + 1 positions that predict response tokens: no LM-head work for prompts.
-        logits, values = self.model(batch["input_ids"][rows], batch["attention_mask"][rows],
-                                    batch["position_ids"][rows], logits_to_keep=r + 1)
-        values = self._response_slice(values, r).float() if values is not None else None
-        return self._sampling_logits(logits, r), values
+        # Logits only for the R positions that predict response tokens: no LM-head work for prompts.
+        logits, values = self.model(*self._response_inputs(batch, rows), logits_to_keep=r)
+        return self._sampling_logits(logits), values.float() if values is not None else None
 
     @torch.no_grad()
     def rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -793,13 +797,13 @@ class PPOTrainer:
                 rows = slice(i, i + self.config.mini_batch_size)
                 labels = batch["response_ids"][rows]
                 logits, values = self.policy_pass(batch, rows)
-                parts["logprobs"].append(logprobs_from_logits(logits, labels))
-                parts["entropy"].append(entropy_from_logits(logits))
+                logprobs, entropy = logprobs_and_entropy(logits, labels)
+                parts["logprobs"].append(logprobs)
+                parts["entropy"].append(entropy)
                 if values is not None:
                     parts["values"].append(values)
-                ref_logits = self.policy.reference_logits(batch["input_ids"][rows], batch["attention_mask"][rows],
-                                                          batch["position_ids"][rows], logits_to_keep=r + 1)
-                parts["ref_logprobs"].append(logprobs_from_logits(self._sampling_logits(ref_logits, r), labels))
+                ref_logits = self.policy.reference_logits(*self._response_inputs(batch, rows), logits_to_keep=r)
+                parts["ref_logprobs"].append(logprobs_from_logits(self._sampling_logits(ref_logits), labels))
         finally:
             self.policy.train(was_training)
             self.mark_step()
@@ -888,7 +892,8 @@ class PPOTrainer:
         cfg = self.config
         batch = experience.batch
         logits, values = self.policy_pass(batch, idx)
-        new_logprobs = logprobs_from_logits(logits, batch["response_ids"][idx])
+        new_logprobs, entropy = logprobs_and_entropy(logits, batch["response_ids"][idx],
+                                                     entropy_grad=bool(cfg.entropy_coef))
         loss_mask = experience.loss_mask[idx]
         result = POLICY_LOSSES[cfg.importance_sampling_level](
             new_logprobs, experience.logprobs[idx], experience.advantages[idx], loss_mask,
@@ -912,7 +917,6 @@ class PPOTrainer:
             stats["loss/value"] = masked_mean(value_loss.detach(), loss_mask)
             stats["value/clipfrac"] = masked_mean(value_clipped.float(), loss_mask)
             stats["value/error"] = masked_mean((values.detach() - returns) ** 2, loss_mask)
-        entropy = entropy_from_logits(logits if cfg.entropy_coef else logits.detach())
         if cfg.entropy_coef:
             # a token mean over the window whatever --loss_type (TRL: the same meaning for every loss type)
             loss = loss - cfg.entropy_coef * LOSS_AGGREGATIONS["dapo"](entropy, loss_mask, window)

@@ -62,17 +62,31 @@ def padded_width(longest: int, fixed: int | None = None, multiple: int | None = 
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``."""
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``.
+
+    One fused ``log_softmax`` (whose backward is one fused kernel too), not ``picked - logsumexp``: on
+    CPU ``logsumexp`` and its backward are several vocabulary-sized passes and temporaries each, which
+    made them most of the RL update's non-matmul time."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution given by ``logits`` (last dim), float32."""
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return entropy_from_logprobs(torch.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy from normalised log-probabilities over the last dim (``-sum p log p``)."""
+    return -(logprobs.exp() * logprobs).sum(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, entropy_grad: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logprobs_from_logits, entropy_from_logits)`` from ONE ``log_softmax`` of ``logits``; the entropy
+    is detached unless ``entropy_grad`` (an entropy bonus in the loss)."""
+    all_logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = all_logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked, entropy_from_logprobs(all_logprobs if entropy_grad else all_logprobs.detach())
 
 
 def truncate_after_eos(

@@ -19,7 +19,9 @@ from rlhf.ppo import (
     ValueHead,
     load_value_head,
 )
-from rlhf.sequences import entropy_from_logits, logprobs_from_logits, masked_mean, truncate_after_eos
+from rlhf.sequences import (
+    entropy_from_logits, logprobs_and_entropy, logprobs_from_logits, masked_mean, truncate_after_eos,
+)
 
 
 
@@ -49,6 +51,24 @@ def test_logprobs_and_entropy_from_logits():
     assert logprobs_from_logits(logits, torch.tensor([0])).item() == pytest.approx(math.log(0.25))
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert entropy_from_logits(logits).item() == pytest.approx(expected)
+
+
+def test_logprobs_and_entropy_match_torch_categorical_with_gradients():
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 50, dtype=torch.bfloat16)).requires_grad_(True)
+    labels = torch.randint(0, 50, (2, 5))
+    oracle = torch.distributions.Categorical(logits=logits.float())
+    logprobs, entropy = logprobs_and_entropy(logits, labels)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logprobs, oracle.log_prob(labels))
+    torch.testing.assert_close(entropy, oracle.entropy())
+    assert not entropy.requires_grad  # a statistic only, unless an entropy bonus asks for its gradient
+    logits = logits.detach().float().requires_grad_(True)  # float32 gradients: bf16 ones differ by rounding
+    oracle = torch.distributions.Categorical(logits=logits)
+    logprobs, entropy = logprobs_and_entropy(logits, labels, entropy_grad=True)
+    (mine,) = torch.autograd.grad(logprobs.sum() + entropy.sum(), logits)
+    (theirs,) = torch.autograd.grad(oracle.log_prob(labels).sum() + oracle.entropy().sum(), logits)
+    torch.testing.assert_close(mine, theirs)
 
 
 def test_truncate_after_eos():
