@@ -65,8 +65,8 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """``log_softmax(logits)[..., labels]`` computed in float32; shape of ``labels``.
 
     One fused ``log_softmax`` (whose backward is one fused kernel too), not ``picked - logsumexp``: on
-    CPU ``logsumexp`` and its backward are several vocabulary-sized passes and temporaries each, which
-    made them most of the RL update's non-matmul time."""
+    CPU ``logsumexp`` and its backward are several vocabulary-sized passes and temporaries each (about 5% of
+    a SmolLM2 GRPO update's CPU time, profiled)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
