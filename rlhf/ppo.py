@@ -761,13 +761,17 @@ class PPOTrainer:
 
     @staticmethod
     def _response_inputs(batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``rows``' inputs without the last column: the last R positions of what is left are exactly
-        those whose outputs predict response tokens 0..R-1 (and the values of those states).
+        """``rows``' full-width inputs: every forward keeps the batch's one padded width (static shapes on HPU)."""
+        return batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows]
 
-        The model is causal, so dropping the last token changes no earlier output; with ``logits_to_keep=R``
-        the LM head then runs on those R positions and nothing needs slicing (a slice of the logits costs
-        a vocabulary-sized zero-filled gradient in the backward)."""
-        return batch["input_ids"][rows, :-1], batch["attention_mask"][rows, :-1], batch["position_ids"][rows, :-1]
+    @staticmethod
+    def _padded_labels(response_ids: torch.Tensor) -> torch.Tensor:
+        """Response ids plus a dummy label for the last position, which predicts no response token.
+
+        The model's last R + 1 outputs are reduced over the vocabulary with these, and the dummy column
+        is dropped only then (``[:, :-1]`` of a (B, R + 1) tensor): slicing the logits instead would cost a
+        logits-sized zero-filled gradient in the backward."""
+        return torch.nn.functional.pad(response_ids, (0, 1))
 
     def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits of the distribution responses are sampled from (``/ temperature``), float32."""
@@ -775,15 +779,22 @@ class PPOTrainer:
         return logits if self.config.temperature == 1.0 else logits / self.config.temperature
 
     def policy_pass(self, batch: dict[str, Any], rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sampling logits, values) at the response positions of ``rows``, through ``self.model``.
+        """(sampling logits at the last R + 1 positions, values at the R response positions) of ``rows``,
+        through ``self.model``; the logits' last position predicts nothing (see ``_padded_labels``).
 
         The one computation behind the old log-probs (rollout) and the new ones (update): both run
         with dropout off (eval mode), so the ratio is exactly 1 before the first update of a step
         whatever ``lora_dropout`` is."""
         r = batch["response_ids"].shape[1]
-        # Logits only for the R positions that predict response tokens: no LM-head work for prompts.
-        logits, values = self.model(*self._response_inputs(batch, rows), logits_to_keep=r)
-        return self._sampling_logits(logits), values.float() if values is not None else None
+        # Logits only for the R + 1 positions that end the sequence: no LM-head work for prompts.
+        logits, values = self.model(*self._response_inputs(batch, rows), logits_to_keep=r + 1)
+        return self._sampling_logits(logits), values[:, :-1].float() if values is not None else None
+
+    def response_logprobs_and_entropy(self, logits: torch.Tensor, response_ids: torch.Tensor,
+                                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per response token: log-prob and entropy from ``policy_pass``'s logits."""
+        logprobs, entropy = logprobs_and_entropy(logits, self._padded_labels(response_ids), entropy_grad)
+        return logprobs[:, :-1], entropy[:, :-1]
 
     @torch.no_grad()
     def rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -797,13 +808,14 @@ class PPOTrainer:
                 rows = slice(i, i + self.config.mini_batch_size)
                 labels = batch["response_ids"][rows]
                 logits, values = self.policy_pass(batch, rows)
-                logprobs, entropy = logprobs_and_entropy(logits, labels)
+                logprobs, entropy = self.response_logprobs_and_entropy(logits, labels)
                 parts["logprobs"].append(logprobs)
                 parts["entropy"].append(entropy)
                 if values is not None:
                     parts["values"].append(values)
-                ref_logits = self.policy.reference_logits(*self._response_inputs(batch, rows), logits_to_keep=r)
-                parts["ref_logprobs"].append(logprobs_from_logits(self._sampling_logits(ref_logits), labels))
+                ref_logits = self.policy.reference_logits(*self._response_inputs(batch, rows), logits_to_keep=r + 1)
+                ref_logprobs = logprobs_from_logits(self._sampling_logits(ref_logits), self._padded_labels(labels))
+                parts["ref_logprobs"].append(ref_logprobs[:, :-1])
         finally:
             self.policy.train(was_training)
             self.mark_step()
@@ -892,8 +904,8 @@ class PPOTrainer:
         cfg = self.config
         batch = experience.batch
         logits, values = self.policy_pass(batch, idx)
-        new_logprobs, entropy = logprobs_and_entropy(logits, batch["response_ids"][idx],
-                                                     entropy_grad=bool(cfg.entropy_coef))
+        new_logprobs, entropy = self.response_logprobs_and_entropy(logits, batch["response_ids"][idx],
+                                                                   entropy_grad=bool(cfg.entropy_coef))
         loss_mask = experience.loss_mask[idx]
         result = POLICY_LOSSES[cfg.importance_sampling_level](
             new_logprobs, experience.logprobs[idx], experience.advantages[idx], loss_mask,

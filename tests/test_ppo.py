@@ -470,7 +470,7 @@ def test_logprobs_are_those_of_the_temperature_scaled_distribution(tiny_dir, tok
     assert not torch.allclose(rollout["logprobs"][mask], rollout["ref_logprobs"][mask])
     # The update pass: the same computation, with gradients.
     update_logits, _ = trainer.policy_pass(batch, slice(0, 2))
-    update = logprobs_from_logits(update_logits, batch["response_ids"])
+    update, _ = trainer.response_logprobs_and_entropy(update_logits, batch["response_ids"])
     torch.testing.assert_close(update.detach()[mask], by_hand[mask], atol=1e-5, rtol=0)
 
 
