@@ -796,6 +796,10 @@ class PPOTrainer:
         logprobs, entropy = logprobs_and_entropy(logits, self._padded_labels(response_ids), entropy_grad)
         return logprobs[:, :-1], entropy[:, :-1]
 
+    def response_logprobs(self, logits: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        """Per response token: log-prob only (the reference: no entropy pass over the vocabulary)."""
+        return logprobs_from_logits(logits, self._padded_labels(response_ids))[:, :-1]
+
     @torch.no_grad()
     def rollout_forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Old log-probs, values, reference log-probs and entropies of the sampled responses."""
@@ -814,8 +818,7 @@ class PPOTrainer:
                 if values is not None:
                     parts["values"].append(values)
                 ref_logits = self.policy.reference_logits(*self._response_inputs(batch, rows), logits_to_keep=r + 1)
-                ref_logprobs = logprobs_from_logits(self._sampling_logits(ref_logits), self._padded_labels(labels))
-                parts["ref_logprobs"].append(ref_logprobs[:, :-1])
+                parts["ref_logprobs"].append(self.response_logprobs(self._sampling_logits(ref_logits), labels))
         finally:
             self.policy.train(was_training)
             self.mark_step()
